@@ -1,0 +1,130 @@
+r"""Hypergradient rules: pure functions of the problem, the point and a linear solver.
+
+Implicit (IFT), at an inner solution w* with ∇_w L_T(λ, w*) = 0:
+
+.. math::
+    \frac{dF}{d\lambda} = \partial_\lambda L_V - (\partial^2_{w\lambda} L_T)^\top H^{-1} \partial_w L_V,
+    \qquad H = \partial^2_{ww} L_T,
+
+costing one outer gradient, one inner gradient kept as a graph, ``k`` Hessian-vector products (the linear
+solver's matvecs) and one mixed VJP — about ``2 + k`` gradient-equivalents with double backward.
+
+Unrolled (Franceschi et al., 2017/2018, "Forward and Reverse Gradient-Based Hyperparameter Optimization"):
+reverse-mode through T inner optimizer steps w_t = Φ(w_{t−1}, λ); O(T) time and O(T·P) memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+from torch import Tensor
+
+from bilevel import oracles, tree
+from bilevel.linsolve import LinSolveResult, cg
+from bilevel.optim import Optimizer
+from bilevel.problem import Problem
+from bilevel.types import Batch, MatVec, Params
+
+
+@dataclasses.dataclass(frozen=True)
+class Hypergradient:
+    """dF/dλ with what was computed on the way.
+
+    Attributes:
+        hypergrad: dF/dλ, same names and shapes as the outer variables.
+        outer_loss: L_V at the point used (0-d, detached).
+        linsolve: the inverse-HVP solve (implicit rules) or None.
+        inner: the inner variables at the end of the rule (unrolled: after the T steps), detached.
+        buffers: buffers after the rule (unrolled: running statistics after the T steps).
+    """
+
+    hypergrad: Params
+    outer_loss: Tensor
+    linsolve: LinSolveResult | None = None
+    inner: Params | None = None
+    buffers: Params | None = None
+
+
+class _HessianOperator:
+    """w ↦ ∇²_ww L_T w, with a ``batched`` variant for a leading batch dimension (used by ``exact``)."""
+
+    def __init__(self, lin: oracles.Linearization):
+        self._lin = lin
+
+    def __call__(self, v: Params) -> Params:
+        return self._lin.hvp(v)
+
+    def batched(self, v: Params) -> Params:
+        return self._lin.hvp(v, batched=True)
+
+
+def implicit_hypergrad(
+    problem: Problem,
+    outer: Params,
+    inner: Params,
+    *,
+    inner_batch: Batch,
+    outer_batch: Batch,
+    buffers: Params | None = None,
+    solve: Callable[..., LinSolveResult] = functools.partial(cg, maxiter=50),
+    x0: Params | None = None,
+) -> Hypergradient:
+    r"""Implicit-function-theorem hypergradient at (λ, w), w assumed (near) optimal for L_T(λ, ·).
+
+    ``solve(matvec, b, [x0=...]) -> LinSolveResult`` approximates H⁻¹b; pass ``functools.partial(neumann,
+    alpha=..., maxiter=...)``, ``functools.partial(cg, ...)`` or :func:`bilevel.linsolve.exact`. ``x0`` warm-starts
+    solvers that accept it (CG).
+    """
+    outer_loss, d_outer, d_inner = oracles.grad_outer(problem, outer, inner, outer_batch, buffers)
+    lin = oracles.Linearization(problem, outer, inner, inner_batch, buffers)
+    result = solve(_HessianOperator(lin), d_inner) if x0 is None else solve(_HessianOperator(lin), d_inner, x0=x0)
+    indirect = lin.mixed_vjp(result.x)
+    return Hypergradient(
+        hypergrad=tree.sub(d_outer, indirect),
+        outer_loss=outer_loss.detach(),
+        linsolve=result,
+        inner=inner,
+        buffers=buffers,
+    )
+
+
+def unrolled_hypergrad(
+    problem: Problem,
+    outer: Params,
+    inner: Params,
+    *,
+    inner_batches: Sequence[Batch],
+    outer_batch: Batch,
+    optimizer: Optimizer,
+    buffers: Params | None = None,
+    first_order: bool = False,
+) -> Hypergradient:
+    r"""Reverse-mode hypergradient through ``len(inner_batches)`` steps of ``optimizer`` on L_T, started at ``inner``.
+
+    .. math::
+        w_0 = w,\ w_t = \Phi(w_{t-1}, \nabla_w L_T(\lambda, w_{t-1}; B_t)),\quad
+        \frac{dF}{d\lambda} = \frac{d}{d\lambda} L_V(\lambda, w_T).
+
+    ``first_order=True`` drops the second-order terms (the inner gradients are treated as constants of λ, as in
+    first-order MAML): the result is then only ∂_λ L_V plus whatever λ reaches through Φ directly.
+    """
+    lam = {k: v.detach().requires_grad_(True) for k, v in outer.items()}
+    w = {k: v.detach().requires_grad_(True) for k, v in inner.items()}
+    state = optimizer.init(w)
+    for batch in inner_batches:
+        _, g, buffers = oracles.differentiable_grad_inner(
+            problem, lam, w, batch, buffers, create_graph=not first_order
+        )
+        w, state = optimizer.update(w, g, state)
+    outer_loss = problem.outer_objective(lam, w, outer_batch, buffers)
+    hypergrad = oracles.backprop(outer_loss, lam)
+    return Hypergradient(
+        hypergrad=hypergrad, outer_loss=outer_loss.detach(), inner=tree.detach(w), buffers=buffers
+    )
+
+
+def hessian_matvec(problem: Problem, outer: Params, inner: Params, batch: Batch, buffers: Params | None = None) -> MatVec:
+    """The operator v ↦ ∇²_ww L_T(λ, w; batch) v on a retained graph (for diagnostics and custom solvers)."""
+    return _HessianOperator(oracles.Linearization(problem, outer, inner, batch, buffers))

@@ -1,0 +1,204 @@
+r"""Solvers for ``A x = b`` with ``A`` given only as a matrix-vector product (``A = ∇²_ww L_T`` here).
+
+Every solver has the signature ``solve(matvec, b, *, ...) -> LinSolveResult`` (like jaxopt's ``linear_solve``),
+so Neumann, CG and the exact dense solve are interchangeable in :func:`bilevel.hypergrad.implicit_hypergrad`.
+With ``check=False`` they run a fixed number of iterations with no host synchronisation and no data-dependent
+control flow, which is what ``torch.func.vmap`` (over tasks or right-hand sides) requires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from bilevel import tree
+from bilevel.problem import BilevelError
+from bilevel.types import MatVec, Params
+
+
+@dataclasses.dataclass(frozen=True)
+class LinSolveResult:
+    """x ≈ A⁻¹b with diagnostics.
+
+    Attributes:
+        x: the solution estimate.
+        iterations: matrix-vector products spent.
+        residual: ‖b − A x‖ / ‖b‖ (see each solver for how it is obtained; a 0-d tensor).
+    """
+
+    x: Params
+    iterations: int
+    residual: Tensor
+
+
+LinearSolver = Callable[..., LinSolveResult]
+
+
+class NeumannDivergenceError(BilevelError):
+    """The Neumann series grew instead of shrinking: the step size exceeds 2/λ_max(A) or A is not PSD."""
+
+
+def neumann(
+    matvec: MatVec,
+    b: Params,
+    *,
+    alpha: float = 0.1,
+    maxiter: int = 10,
+    divergence_factor: float = 100.0,
+    check: bool = True,
+) -> LinSolveResult:
+    r"""Truncated Neumann series, Lorraine, Vicol & Duvenaud, 2020, "Optimizing Millions of Hyperparameters by
+    Implicit Differentiation", AISTATS.
+
+    .. math::
+        A^{-1} b \approx \alpha \sum_{j=0}^{i} (I - \alpha A)^j b,\qquad i = \text{maxiter},
+
+    which converges for ``0 < alpha < 2/λ_max(A)`` and PSD ``A``; with ``i`` terms it equals unrolling ``i`` steps
+    of gradient descent from the optimum. Costs ``maxiter`` matvecs.
+
+    ``residual`` is ‖(I − αA)^i b‖/‖b‖ = ‖b − A x_{i−1}‖/‖b‖, the residual of the series one term shorter: an
+    upper bound on the returned ``x``'s residual whenever the series contracts, obtained without an extra matvec.
+    Growth of ‖(I − αA)^j b‖ beyond ``divergence_factor``·‖b‖ raises :class:`NeumannDivergenceError` with a
+    step size that would converge (estimated by power iteration).
+    """
+    if alpha <= 0:
+        raise BilevelError(f"neumann: alpha must be positive, got {alpha}.")
+    if maxiter < 0:
+        raise BilevelError(f"neumann: maxiter must be >= 0, got {maxiter}.")
+    v = b
+    p = b
+    b_norm = tree.norm(b)
+    for j in range(1, maxiter + 1):
+        v = tree.axpy(-alpha, matvec(v), v)
+        p = tree.add(p, v)
+        if check:
+            v_norm = tree.norm(v)
+            if not bool(torch.isfinite(v_norm)) or bool(v_norm > divergence_factor * b_norm):
+                _raise_divergence(matvec, b, alpha, j, float(v_norm / b_norm))
+    residual = tree.norm(v) / b_norm.clamp_min(torch.finfo(b_norm.dtype).tiny)
+    return LinSolveResult(x=tree.scale(p, alpha), iterations=maxiter, residual=residual)
+
+
+def _raise_divergence(matvec: MatVec, b: Params, alpha: float, term: int, growth: float) -> None:
+    lipschitz = power_iteration(matvec, b, maxiter=20)
+    if math.isfinite(lipschitz) and lipschitz > 0:
+        bound = 2.0 / lipschitz
+        advice = (
+            f"alpha={alpha:g} exceeds 2/L≈{bound:.3g} (L≈{lipschitz:.3g} by power iteration); "
+            f"pass neumann_alpha={0.5 * bound:.3g} (≈1/L) or use method='cg'."
+        )
+    else:
+        advice = "the Hessian looks indefinite or non-finite; lower the step size or use method='cg' with more inner steps."
+    raise NeumannDivergenceError(f"neumann: series diverged at term {term} (|v| grew {growth:.3g}x); {advice}")
+
+
+def power_iteration(matvec: MatVec, v0: Params, *, maxiter: int = 20) -> float:
+    r"""Estimate of the largest-magnitude eigenvalue |λ_max(A)| by power iteration (``maxiter`` matvecs)."""
+    v = tree.scale(v0, 1.0 / tree.norm(v0).clamp_min(1e-30))
+    estimate = float("nan")
+    for _ in range(maxiter):
+        av = matvec(v)
+        n = tree.norm(av)
+        estimate = float(n)
+        if not math.isfinite(estimate) or estimate == 0.0:
+            break
+        v = tree.scale(av, 1.0 / n)
+    return estimate
+
+
+def cg(
+    matvec: MatVec,
+    b: Params,
+    *,
+    x0: Params | None = None,
+    rtol: float = 1e-6,
+    atol: float = 0.0,
+    maxiter: int = 50,
+    check: bool = True,
+) -> LinSolveResult:
+    r"""Conjugate gradient for symmetric positive-definite ``A`` (Hestenes & Stiefel, 1952).
+
+    .. math::
+        r_0 = b - A x_0,\ p_0 = r_0;\quad \alpha_k = \frac{r_k^\top r_k}{p_k^\top A p_k},\
+        x_{k+1} = x_k + \alpha_k p_k,\ r_{k+1} = r_k - \alpha_k A p_k,\
+        p_{k+1} = r_{k+1} + \frac{r_{k+1}^\top r_{k+1}}{r_k^\top r_k} p_k.
+
+    Stops when ‖r‖ ≤ max(rtol·‖b‖, atol) or after ``maxiter`` matvecs (one more when ``x0`` is given).
+    ``residual`` is the recursively updated ‖r‖/‖b‖. With ``check=True``, non-positive curvature pᵀAp ≤ 0
+    (A not PD) raises; with ``check=False`` the step is skipped instead, which keeps the loop ``vmap``-able.
+    """
+    if maxiter < 0:
+        raise BilevelError(f"cg: maxiter must be >= 0, got {maxiter}.")
+    iterations = 0
+    if x0 is None:
+        x = tree.zeros_like(b)
+        r = b
+    else:
+        x = x0
+        r = tree.sub(b, matvec(x0))
+        iterations += 1
+    p = r
+    rs = tree.sq_norm(r)
+    b_norm = tree.norm(b)
+    threshold = torch.clamp(rtol * b_norm, min=atol) ** 2
+    for _ in range(maxiter):
+        if check and bool(rs <= threshold):
+            break
+        ap = matvec(p)
+        iterations += 1
+        curvature = tree.dot(p, ap)
+        if check and bool(curvature <= 0):
+            raise BilevelError(
+                f"cg: non-positive curvature pᵀAp={float(curvature):.3g} at iteration {iterations}: the inner Hessian is "
+                "not positive definite here. Add inner regularisation, run more inner steps, or use method='ift' "
+                "(truncated Neumann stays bounded on indefinite Hessians)."
+            )
+        step = torch.where(curvature > 0, rs / curvature.clamp_min(torch.finfo(rs.dtype).tiny), torch.zeros_like(rs))
+        x = tree.axpy(step, p, x)
+        r = tree.axpy(-step, ap, r)
+        rs_new = tree.sq_norm(r)
+        p = tree.axpy(rs_new / rs.clamp_min(torch.finfo(rs.dtype).tiny), p, r)
+        rs = rs_new
+    residual = rs.sqrt() / b_norm.clamp_min(torch.finfo(b_norm.dtype).tiny)
+    return LinSolveResult(x=x, iterations=iterations, residual=residual)
+
+
+def exact(
+    matvec: MatVec, b: Params, *, max_size: int = 10_000, batched_matvec: MatVec | None = None
+) -> LinSolveResult:
+    r"""Dense solve: build A from its columns A e_i and call ``torch.linalg.solve``.
+
+    The columns come from ``batched_matvec`` (``v`` with a leading batch dimension; also read from a
+    ``matvec.batched`` attribute) when given, else from
+    ``vmap(matvec)``, else one matvec per column. Costs P matvecs (batched) and O(P²) memory for P unknowns;
+    meant for small problems and as a reference.
+    ``residual`` is the true ‖b − A x‖/‖b‖ of the dense system.
+    """
+    n = tree.size(b)
+    if n > max_size:
+        raise BilevelError(
+            f"exact: {n} unknowns exceed max_size={max_size} (a dense {n}x{n} matrix); use method='cg' or raise max_size."
+        )
+    flat_b = tree.flatten(b)
+    eye = torch.eye(n, dtype=flat_b.dtype, device=flat_b.device)
+
+    def column(e: Tensor) -> Tensor:
+        return tree.flatten(matvec(tree.unflatten(e, b)))
+
+    batched_matvec = batched_matvec or getattr(matvec, "batched", None)
+    if batched_matvec is not None:
+        cols = batched_matvec(tree.unflatten_batched(eye, b))
+        a = torch.cat([c.reshape(n, -1) for c in cols.values()], dim=1).T
+    else:
+        try:
+            a = torch.func.vmap(column)(eye).T
+        except RuntimeError:  # a matvec that does not compose with vmap: one column at a time
+            a = torch.stack([column(e) for e in eye], dim=1)
+    a = 0.5 * (a + a.T)
+    x = torch.linalg.solve(a, flat_b)
+    residual = torch.linalg.vector_norm(flat_b - a @ x) / torch.linalg.vector_norm(flat_b).clamp_min(1e-300)
+    return LinSolveResult(x=tree.unflatten(x, b), iterations=n, residual=residual)

@@ -1,0 +1,61 @@
+"""Solvers registered by name, so ``solve(problem, method="name")`` can find them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from bilevel.problem import BilevelError
+
+_SOLVERS: dict[str, type] = {}
+T = TypeVar("T", bound=type)
+
+
+def register(name: str) -> Callable[[T], T]:
+    """Class decorator: make a solver dataclass available as ``method=name``."""
+
+    def decorate(cls: T) -> T:
+        if name in _SOLVERS and _SOLVERS[name] is not cls:
+            raise BilevelError(f"register: method name {name!r} is already taken by {_SOLVERS[name].__name__}.")
+        _SOLVERS[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_methods() -> list[str]:
+    """Names accepted by ``solve(method=...)``."""
+    import bilevel.solvers  # noqa: F401  (registers the built-in solvers)
+
+    return sorted(_SOLVERS)
+
+
+def solver_class(name: str) -> type:
+    """The solver dataclass registered under ``name``."""
+    methods = available_methods()
+    if name not in _SOLVERS:
+        raise BilevelError(f"solve: unknown method {name!r}; valid methods are {', '.join(methods)}.")
+    return _SOLVERS[name]
+
+
+def make_solver(method: str | Any, **options: Any) -> Any:
+    """A solver instance from a name and keyword options (or an instance passed through, with no options)."""
+    if not isinstance(method, str):
+        if options:
+            raise BilevelError("solve: pass options either to the solver instance or to solve(), not both.")
+        return method
+    cls = solver_class(method)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise BilevelError(
+            f"solve: method {method!r} has no option(s) {unknown}; its options are {', '.join(sorted(fields))}."
+        )
+    return cls(**options)
+
+
+def solver_options(method: str) -> dict[str, Any]:
+    """Option names of a method with their defaults (what the CLI and Optuna integration expose)."""
+    cls = solver_class(method)
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.init}

@@ -1,0 +1,149 @@
+r"""Implicit differentiation solvers: ``ift`` (Neumann), ``cg`` and ``exact`` inverse-HVP.
+
+Lorraine, Vicol & Duvenaud, 2020, "Optimizing Millions of Hyperparameters by Implicit Differentiation", AISTATS:
+per outer step, ``inner_steps`` optimizer steps on w, then one hyperstep
+
+.. math::
+    \lambda \leftarrow \mathrm{Proj}\big(\lambda - \eta\,[\partial_\lambda L_V - (\partial^2_{w\lambda}L_T)^\top
+    H^{-1}\partial_w L_V]\big),
+
+with H⁻¹ by a truncated Neumann series (``ift``), conjugate gradient (``cg``) or a dense solve (``exact``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Literal
+
+from bilevel import tree
+from bilevel.data import DataStreams
+from bilevel.hypergrad import Hypergradient, implicit_hypergrad
+from bilevel.linsolve import cg, exact, neumann
+from bilevel.optim import make_optimizer
+from bilevel.problem import BilevelError, Problem
+from bilevel.registry import register
+from bilevel.solvers.common import outer_update, require_nonnegative_int, require_positive, train_inner
+from bilevel.types import Params
+
+LinSolveName = Literal["neumann", "cg", "exact"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImplicitState:
+    """State of the implicit solvers.
+
+    Attributes:
+        outer, inner, buffers: current λ, w and module buffers.
+        inner_opt, outer_opt: optimizer states.
+        v: last inverse-HVP solution H⁻¹∂_w L_V (warm start for CG), or None.
+    """
+
+    outer: Params
+    inner: Params
+    buffers: Params
+    inner_opt: Any
+    outer_opt: Any
+    v: Params | None = None
+
+
+@register("ift")
+@dataclasses.dataclass(frozen=True)
+class IFT:
+    r"""Implicit-function-theorem hypergradients with a truncated Neumann series for H⁻¹ (Lorraine et al., 2020).
+
+    Cost per outer step: ``inner_steps`` gradients + about ``2 + k`` gradient-equivalents for the hypergradient
+    (k = ``neumann_terms`` or the CG iterations). ``neumann_alpha`` defaults to ``inner_lr`` (the series then
+    equals unrolling k SGD steps from the optimum) and must be below 2/λ_max(H).
+    """
+
+    inner_steps: int = 10
+    inner_lr: float = 0.1
+    inner_optimizer: str = "sgd"
+    inner_momentum: float = 0.0
+    outer_lr: float = 1e-2
+    outer_optimizer: str = "adam"
+    linsolve: LinSolveName = "neumann"
+    neumann_terms: int = 5
+    neumann_alpha: float | None = None
+    cg_maxiter: int = 20
+    cg_rtol: float = 1e-6
+    warm_start: bool = True
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        require_nonnegative_int(owner, inner_steps=self.inner_steps, neumann_terms=self.neumann_terms,
+                                cg_maxiter=self.cg_maxiter)
+        require_positive(owner, inner_lr=self.inner_lr, outer_lr=self.outer_lr)
+        if self.neumann_alpha is not None:
+            require_positive(owner, neumann_alpha=self.neumann_alpha)
+        if self.linsolve not in ("neumann", "cg", "exact"):
+            raise BilevelError(f"{owner}: linsolve must be 'neumann', 'cg' or 'exact', got {self.linsolve!r}.")
+
+    # ----- pieces -------------------------------------------------------------------------------------------
+    def linear_solver(self) -> Any:
+        """The configured ``solve(matvec, b, [x0]) -> LinSolveResult``."""
+        if self.linsolve == "neumann":
+            alpha = self.inner_lr if self.neumann_alpha is None else self.neumann_alpha
+            return functools.partial(neumann, alpha=alpha, maxiter=self.neumann_terms)
+        if self.linsolve == "cg":
+            return functools.partial(cg, maxiter=self.cg_maxiter, rtol=self.cg_rtol)
+        return exact
+
+    def hypergradient(
+        self, problem: Problem, outer: Params, inner: Params, data: DataStreams,
+        buffers: Params | None = None, x0: Params | None = None,
+    ) -> Hypergradient:
+        """dF/dλ at (λ, w) by the implicit rule with this solver's linear solver."""
+        use_x0 = x0 if (self.linsolve == "cg" and self.warm_start) else None
+        return implicit_hypergrad(
+            problem, outer, inner, inner_batch=data.inner(), outer_batch=data.outer(),
+            buffers=buffers, solve=self.linear_solver(), x0=use_x0,
+        )
+
+    # ----- protocol -----------------------------------------------------------------------------------------
+    def init(self, problem: Problem) -> ImplicitState:
+        inner_opt = make_optimizer(self.inner_optimizer, self.inner_lr, **_momentum(self))
+        outer_opt = make_optimizer(self.outer_optimizer, self.outer_lr)
+        outer = problem.project_outer(tree.clone(problem.outer_init))
+        inner = tree.clone(problem.inner_init)
+        return ImplicitState(outer, inner, tree.clone(problem.buffers_init), inner_opt.init(inner), outer_opt.init(outer))
+
+    def step(self, problem: Problem, state: ImplicitState, data: DataStreams) -> tuple[ImplicitState, dict[str, Any]]:
+        inner_opt = make_optimizer(self.inner_optimizer, self.inner_lr, **_momentum(self))
+        outer_opt = make_optimizer(self.outer_optimizer, self.outer_lr)
+        inner, buffers, inner_state, inner_loss = train_inner(
+            problem, state.outer, state.inner, state.buffers, inner_opt, state.inner_opt, data, self.inner_steps
+        )
+        hg = self.hypergradient(problem, state.outer, inner, data, buffers, x0=state.v)
+        outer, outer_state = outer_update(problem, state.outer, hg.hypergrad, outer_opt, state.outer_opt)
+        metrics = {
+            "outer_loss": hg.outer_loss,
+            "hypergrad_norm": tree.norm(hg.hypergrad),
+            "linsolve_residual": hg.linsolve.residual,
+            "linsolve_iterations": hg.linsolve.iterations,
+        }
+        if inner_loss is not None:
+            metrics["inner_loss"] = inner_loss
+        new_state = ImplicitState(outer, inner, buffers, inner_state, outer_state, v=hg.linsolve.x)
+        return new_state, metrics
+
+
+def _momentum(solver: Any) -> dict[str, float]:
+    return {"momentum": solver.inner_momentum} if solver.inner_optimizer == "sgd" else {}
+
+
+@register("cg")
+@dataclasses.dataclass(frozen=True)
+class CG(IFT):
+    """:class:`IFT` with conjugate gradient for H⁻¹ (wants a positive-definite inner Hessian; ~√κ·log(1/ε) HVPs)."""
+
+    linsolve: LinSolveName = "cg"
+
+
+@register("exact")
+@dataclasses.dataclass(frozen=True)
+class Exact(IFT):
+    """:class:`IFT` with a dense solve of H (small problems; the reference the others are checked against)."""
+
+    linsolve: LinSolveName = "exact"

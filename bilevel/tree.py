@@ -1,0 +1,117 @@
+r"""Arithmetic on ``Params`` (dicts of tensors) viewed as one vector.
+
+Every function is pure and works under ``torch.func.vmap``. Multi-tensor ``torch._foreach_*`` kernels are
+avoided on purpose: they do not compose with ``vmap``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bilevel.types import Params
+
+
+def add(a: Params, b: Params) -> Params:
+    """a + b."""
+    return {k: a[k] + b[k] for k in a}
+
+
+def sub(a: Params, b: Params) -> Params:
+    """a − b."""
+    return {k: a[k] - b[k] for k in a}
+
+
+def scale(a: Params, s: float | Tensor) -> Params:
+    """s·a."""
+    return {k: s * v for k, v in a.items()}
+
+
+def axpy(alpha: float | Tensor, x: Params, y: Params) -> Params:
+    """y + α·x."""
+    return {k: y[k] + alpha * x[k] for k in y}
+
+
+def dot(a: Params, b: Params) -> Tensor:
+    """⟨a, b⟩ = Σ_k Σ_i a_k[i]·b_k[i] (a 0-d tensor)."""
+    return sum(((a[k] * b[k]).sum() for k in a), torch.zeros((), dtype=_dtype(a), device=_device(a)))
+
+
+def sq_norm(a: Params) -> Tensor:
+    """‖a‖²."""
+    return dot(a, a)
+
+
+def norm(a: Params) -> Tensor:
+    """‖a‖₂ over all entries."""
+    return sq_norm(a).sqrt()
+
+
+def zeros_like(a: Params) -> Params:
+    """0 with the names, shapes, dtypes and devices of ``a``."""
+    return {k: torch.zeros_like(v) for k, v in a.items()}
+
+
+def detach(a: Params) -> Params:
+    """Copies of ``a`` cut from any autograd graph."""
+    return {k: v.detach() for k, v in a.items()}
+
+
+def clone(a: Params) -> Params:
+    """Independent copies of ``a``."""
+    return {k: v.detach().clone() for k, v in a.items()}
+
+
+def size(a: Params) -> int:
+    """Total number of entries."""
+    return sum(v.numel() for v in a.values())
+
+
+def flatten(a: Params) -> Tensor:
+    """Concatenate all entries (in key order) into one 1-D tensor."""
+    return torch.cat([v.reshape(-1) for v in a.values()])
+
+
+def unflatten(flat: Tensor, like: Params) -> Params:
+    """Inverse of :func:`flatten`: split ``flat`` into tensors shaped like ``like``."""
+    out: Params = {}
+    offset = 0
+    for k, v in like.items():
+        n = v.numel()
+        out[k] = flat[offset : offset + n].reshape(v.shape)
+        offset += n
+    return out
+
+
+def unflatten_batched(flat: Tensor, like: Params) -> Params:
+    """:func:`unflatten` for a batch of flat vectors ``(B, P)``: tensors shaped ``(B, *like[k].shape)``."""
+    out: Params = {}
+    offset = 0
+    for k, v in like.items():
+        n = v.numel()
+        out[k] = flat[:, offset : offset + n].reshape(flat.shape[0], *v.shape)
+        offset += n
+    return out
+
+
+def all_finite(a: Params) -> bool:
+    """True where every entry is finite (one host sync)."""
+    return bool(torch.stack([torch.isfinite(v).all() for v in a.values()]).all()) if a else True
+
+
+def _dtype(a: Params) -> torch.dtype:
+    return next(iter(a.values())).dtype if a else torch.get_default_dtype()
+
+
+def _device(a: Params) -> torch.device:
+    return next(iter(a.values())).device if a else torch.device("cpu")
+
+
+def as_params(x: Tensor | Params, default_name: str) -> Params:
+    """Wrap a lone tensor as ``{default_name: x}``; pass dicts through."""
+    if isinstance(x, Tensor):
+        return {default_name: x}
+    return dict(x)
+
+
+Tensorish = Tensor | Params

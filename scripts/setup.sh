@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Idempotent set-up: system data/services via apt (when root), a virtual environment in .venv with the CPU
+# build of torch (pip's local wheel here; PyPI's CPU index elsewhere) and bilevel with its dev extra.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+  need=()
+  [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
+  command -v pg_ctlcluster >/dev/null || [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql)
+  if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null 2>&1 \
+      || echo "setup: could not apt-get install ${need[*]}; tests that need them will be skipped" >&2
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  # torch 2.13.0 (CPU) is on this machine's disk and installs in seconds; elsewhere any torch>=2.3 works.
+  .venv/bin/pip install -q torch==2.13.0 2>/dev/null \
+    || .venv/bin/pip install -q "torch>=2.3"
+fi
+if ! .venv/bin/python -c "import bilevel, higher, sklearn, mlxtend, pytest" >/dev/null 2>&1; then
+  .venv/bin/pip install -q -e ".[dev]"
+fi
