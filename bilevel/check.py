@@ -55,7 +55,7 @@ def check_hypergradient(
     if data.stochastic:
         raise BilevelError("check_hypergradient: needs full-batch inner_data and outer_data (fixed tensors or tuples).")
     lam = tree.clone(problem.outer_init if outer is None else outer)
-    unrolled = hasattr(solver, "inner_optimizer") and callable(getattr(solver, "inner_optimizer"))
+    unrolled = hasattr(solver, "inner_optimizer") and callable(solver.inner_optimizer)
 
     def response(at: Params) -> tuple[Params, Params]:
         if unrolled:

@@ -7,7 +7,8 @@ from collections import defaultdict
 
 class History(defaultdict):
     """``history[name]`` is the list of that scalar over outer steps (``step``, ``outer_loss``,
-    ``hypergrad_norm``, ``oracle_calls``, ``step_time``, ``elapsed`` and each solver metric)."""
+    ``hypergrad_norm``, ``oracle_calls`` (cumulative total), ``calls_<kind>`` (cumulative per oracle kind, e.g.
+    ``calls_hvp``), ``step_time``, ``elapsed`` (seconds) and each solver metric)."""
 
     def __init__(self) -> None:
         super().__init__(list)

@@ -68,15 +68,16 @@ def implicit_hypergrad(
     inner_batch: Batch,
     outer_batch: Batch,
     buffers: Params | None = None,
-    solve: Callable[..., LinSolveResult] = functools.partial(cg, maxiter=50),
+    solve: Callable[..., LinSolveResult] | None = None,
     x0: Params | None = None,
 ) -> Hypergradient:
     r"""Implicit-function-theorem hypergradient at (λ, w), w assumed (near) optimal for L_T(λ, ·).
 
     ``solve(matvec, b, [x0=...]) -> LinSolveResult`` approximates H⁻¹b; pass ``functools.partial(neumann,
     alpha=..., maxiter=...)``, ``functools.partial(cg, ...)`` or :func:`bilevel.linsolve.exact`. ``x0`` warm-starts
-    solvers that accept it (CG).
+    solvers that accept it (CG). Default: CG with ``maxiter=50``.
     """
+    solve = solve or functools.partial(cg, maxiter=50)
     outer_loss, d_outer, d_inner = oracles.grad_outer(problem, outer, inner, outer_batch, buffers)
     lin = oracles.Linearization(problem, outer, inner, inner_batch, buffers)
     result = solve(_HessianOperator(lin), d_inner) if x0 is None else solve(_HessianOperator(lin), d_inner, x0=x0)

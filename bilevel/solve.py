@@ -130,6 +130,7 @@ def solve(
                 check_finite(f"{name}: {key}", torch.as_tensor(metrics[key]), step)
         elapsed = time.perf_counter() - start
         record = {"step": float(step), **scalars, "oracle_calls": float(sum(total_calls.values())),
+                  **{f"calls_{kind}": float(n) for kind, n in total_calls.items()},
                   "step_time": step_time, "elapsed": elapsed}
         history.append(record)
         info = StepInfo(step=step, metrics=record, state=state, history=history, elapsed=elapsed)
