@@ -84,7 +84,7 @@ def neumann(
 
 
 def _raise_divergence(matvec: MatVec, b: Params, alpha: float, term: int, growth: float) -> None:
-    lipschitz = power_iteration(matvec, b, maxiter=20)
+    lipschitz = power_iteration(matvec, b, maxiter=50)
     if math.isfinite(lipschitz) and lipschitz > 0:
         bound = 2.0 / lipschitz
         advice = (
@@ -97,14 +97,15 @@ def _raise_divergence(matvec: MatVec, b: Params, alpha: float, term: int, growth
 
 
 def power_iteration(matvec: MatVec, v0: Params, *, maxiter: int = 20) -> float:
-    r"""Estimate of the largest-magnitude eigenvalue |λ_max(A)| by power iteration (``maxiter`` matvecs)."""
+    r"""Estimate of the largest-magnitude eigenvalue |λ_max(A)| of symmetric ``A`` by power iteration
+    (``maxiter`` matvecs): v ← Av/‖Av‖, estimate |vᵀAv| (the Rayleigh quotient, a lower bound)."""
     v = tree.scale(v0, 1.0 / tree.norm(v0).clamp_min(1e-30))
     estimate = float("nan")
     for _ in range(maxiter):
         av = matvec(v)
+        estimate = abs(float(tree.dot(v, av)))
         n = tree.norm(av)
-        estimate = float(n)
-        if not math.isfinite(estimate) or estimate == 0.0:
+        if not math.isfinite(float(n)) or float(n) == 0.0:
             break
         v = tree.scale(av, 1.0 / n)
     return estimate

@@ -177,8 +177,8 @@ class Problem:
         outer = {k: v.detach().requires_grad_(True) for k, v in self.outer_init.items()}
         inner = {k: v.detach().requires_grad_(True) for k, v in self.inner_init.items()}
         with torch.enable_grad():
-            lt = _check_scalar("inner_loss", self.inner_objective(outer, inner, inner_batch))
-            lv = _check_scalar("outer_loss", self.outer_objective(outer, inner, outer_batch))
+            lt = _check_scalar("inner_loss", _evaluate("inner_loss", "inner_data", self.inner_objective, outer, inner, inner_batch))
+            lv = _check_scalar("outer_loss", _evaluate("outer_loss", "outer_data", self.outer_objective, outer, inner, outer_batch))
             if self.check_dependencies:
                 grads = torch.autograd.grad(lt, list(outer.values()), allow_unused=True)
                 unused = [k for k, g in zip(outer, grads) if g is None]
@@ -195,6 +195,27 @@ class Problem:
             if not isinstance(g, Tensor) or g.dim() > 1:
                 shape = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
                 raise BilevelError(f"Problem: inner_constraints must return a 1-D tensor g with g <= 0 feasible; got {shape}.")
+
+
+def _evaluate(name: str, data_name: str, fn: Any, outer: Params, inner: Params, batch: Batch) -> Any:
+    try:
+        return fn(outer, inner, batch)
+    except (RuntimeError, IndexError, TypeError) as e:
+        shapes = _describe(batch)
+        raise BilevelError(
+            f"Problem: {name} failed on the first batch of {data_name} ({shapes}) with the initial variables "
+            f"({_describe(inner)}): {e}. Check that the data's shapes match the variables and the model."
+        ) from e
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"tensor {tuple(x.shape)}"
+    if isinstance(x, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in x.items()) + "}"
+    if isinstance(x, (tuple, list)):
+        return "(" + ", ".join(_describe(v) for v in x) + ")"
+    return type(x).__name__
 
 
 def check_finite(what: str, value: Tensor, step: int | None = None) -> None:

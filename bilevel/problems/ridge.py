@@ -22,13 +22,14 @@ def ridge_data(
 ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """Synthetic linear-regression data ``((X_t, y_t), (X_v, y_v))`` with a sparse true weight vector."""
     gen = torch.Generator().manual_seed(seed)
-    w_true = torch.zeros(dim, dtype=dtype)
-    w_true[: max(1, dim // 2)] = torch.randn(max(1, dim // 2), generator=gen, dtype=dtype)
-    xt = torch.randn(n_train, dim, generator=gen, dtype=dtype)
-    xv = torch.randn(n_val, dim, generator=gen, dtype=dtype)
-    yt = xt @ w_true + noise * torch.randn(n_train, generator=gen, dtype=dtype)
-    yv = xv @ w_true + noise * torch.randn(n_val, generator=gen, dtype=dtype)
-    return (xt.to(device), yt.to(device)), (xv.to(device), yv.to(device))
+    f64 = torch.float64  # drawn in float64 and cast, so every dtype sees the same data
+    w_true = torch.zeros(dim, dtype=f64)
+    w_true[: max(1, dim // 2)] = torch.randn(max(1, dim // 2), generator=gen, dtype=f64)
+    xt = torch.randn(n_train, dim, generator=gen, dtype=f64)
+    xv = torch.randn(n_val, dim, generator=gen, dtype=f64)
+    yt = xt @ w_true + noise * torch.randn(n_train, generator=gen, dtype=f64)
+    yv = xv @ w_true + noise * torch.randn(n_val, generator=gen, dtype=f64)
+    return tuple((x.to(device, dtype), y.to(device, dtype)) for x, y in ((xt, yt), (xv, yv)))  # type: ignore[return-value]
 
 
 def ridge_problem(

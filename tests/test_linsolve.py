@@ -1,0 +1,89 @@
+"""Linear solvers against torch.linalg.solve on random SPD systems (oracle: dense LU), dtype and batching."""
+
+import functools
+import re
+
+import pytest
+import torch
+
+from bilevel import BilevelError, NeumannDivergenceError, cg, exact, neumann, tree
+
+
+def spd_system(n: int = 12, cond: float = 4.0, dtype: torch.dtype = torch.float64, device: str = "cpu", seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    eig = torch.linspace(1.0, cond, n, dtype=torch.float64)
+    a = (q * eig) @ q.T
+    b = torch.randn(n, generator=gen, dtype=torch.float64)
+    a, b = a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device)
+    split = n // 3
+    params = {"u": b[:split].reshape(split, 1), "v": b[split:]}
+
+    def matvec(p):
+        return tree.unflatten(a @ tree.flatten(p), p)
+
+    return a, b, params, matvec
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_cg_and_exact_match_dense_solve(dtype, rtol, device):
+    a, b, params, matvec = spd_system(dtype=dtype, device=device)
+    reference = torch.linalg.solve(a, b)
+    for result in (cg(matvec, params, rtol=1e-12 if dtype == torch.float64 else 1e-7, maxiter=100), exact(matvec, params)):
+        torch.testing.assert_close(tree.flatten(result.x), reference, rtol=rtol, atol=rtol)
+        assert float(result.residual) < 10 * rtol
+
+
+def test_neumann_error_falls_geometrically_and_residual_bounds_it():
+    a, b, params, matvec = spd_system(cond=4.0)
+    reference = torch.linalg.solve(a, b)
+    alpha = 1.0 / 4.0  # 1/L
+    errors, residuals = [], []
+    for k in (0, 1, 5, 20, 60):
+        result = neumann(matvec, params, alpha=alpha, maxiter=k)
+        x = tree.flatten(result.x)
+        errors.append(float((x - reference).norm() / reference.norm()))
+        true_residual = float((b - a @ x).norm() / b.norm())
+        assert true_residual <= float(result.residual) + 1e-12  # reported residual bounds the true one (PSD, α < 2/L)
+        residuals.append(float(result.residual))
+    assert all(e1 > e2 for e1, e2 in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-6  # contraction factor 1 − α·λ_min = 0.75: 0.75^61 ≈ 2e-8
+
+
+def test_neumann_divergence_names_a_converging_step_size():
+    _, _, params, matvec = spd_system(cond=4.0)  # λ_max = 4, so α must be < 0.5
+    with pytest.raises(NeumannDivergenceError, match=r"alpha=0.9 exceeds 2/L≈0\.5\d*") as info:
+        neumann(matvec, params, alpha=0.9, maxiter=50)
+    suggested = float(re.search(r"neumann_alpha=([0-9.e-]+)", str(info.value)).group(1))
+    assert 0.2 < suggested < 0.5
+    neumann(matvec, params, alpha=suggested, maxiter=200)  # the advice converges: no error
+
+
+def test_cg_warm_start_and_negative_curvature():
+    a, b, params, matvec = spd_system()
+    reference = torch.linalg.solve(a, b)
+    x0 = tree.unflatten(reference + 1e-3, params)
+    warm = cg(matvec, params, x0=x0, rtol=1e-10, maxiter=100)
+    cold = cg(matvec, params, rtol=1e-10, maxiter=100)
+    assert warm.iterations <= cold.iterations + 1
+    with pytest.raises(BilevelError, match="non-positive curvature"):
+        cg(lambda p: tree.scale(matvec(p), -1.0), params)
+
+
+def test_solvers_vmap_over_right_hand_sides():
+    """check=False solvers run under torch.func.vmap: 5 right-hand sides at once equal 5 separate solves."""
+    a, _, params, matvec = spd_system()
+    rhs = torch.randn(5, a.shape[0], dtype=a.dtype)
+    batched_params = tree.unflatten_batched(rhs, params)
+    for solver in (functools.partial(cg, maxiter=30, check=False), functools.partial(neumann, alpha=0.25, maxiter=30, check=False)):
+        batched = torch.func.vmap(lambda p, s=solver: s(matvec, p).x)(batched_params)
+        for i in range(5):
+            single = solver(matvec, tree.unflatten(rhs[i], params)).x
+            for k in single:
+                torch.testing.assert_close(batched[k][i], single[k], rtol=1e-10, atol=1e-12)
+
+
+def test_exact_refuses_huge_systems():
+    _, _, params, matvec = spd_system()
+    with pytest.raises(BilevelError, match="exceed max_size=5"):
+        exact(matvec, params, max_size=5)
