@@ -177,8 +177,8 @@ class Problem:
         outer = {k: v.detach().requires_grad_(True) for k, v in self.outer_init.items()}
         inner = {k: v.detach().requires_grad_(True) for k, v in self.inner_init.items()}
         with torch.enable_grad():
-            lt = _check_scalar("inner_loss", _evaluate("inner_loss", "inner_data", self.inner_objective, outer, inner, inner_batch))
-            lv = _check_scalar("outer_loss", _evaluate("outer_loss", "outer_data", self.outer_objective, outer, inner, outer_batch))
+            lt = _evaluate("inner_loss", "inner_data", self.inner_objective, outer, inner, inner_batch)
+            lv = _evaluate("outer_loss", "outer_data", self.outer_objective, outer, inner, outer_batch)
             if self.check_dependencies:
                 grads = torch.autograd.grad(lt, list(outer.values()), allow_unused=True)
                 unused = [k for k, g in zip(outer, grads) if g is None]
@@ -199,13 +199,14 @@ class Problem:
 
 def _evaluate(name: str, data_name: str, fn: Any, outer: Params, inner: Params, batch: Batch) -> Any:
     try:
-        return fn(outer, inner, batch)
+        value = fn(outer, inner, batch)
     except (RuntimeError, IndexError, TypeError) as e:
         shapes = _describe(batch)
         raise BilevelError(
             f"Problem: {name} failed on the first batch of {data_name} ({shapes}) with the initial variables "
             f"({_describe(inner)}): {e}. Check that the data's shapes match the variables and the model."
         ) from e
+    return _check_scalar(name, value)
 
 
 def _describe(x: Any) -> str:

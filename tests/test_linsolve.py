@@ -75,7 +75,8 @@ def test_solvers_vmap_over_right_hand_sides():
     a, _, params, matvec = spd_system()
     rhs = torch.randn(5, a.shape[0], dtype=a.dtype)
     batched_params = tree.unflatten_batched(rhs, params)
-    for solver in (functools.partial(cg, maxiter=30, check=False), functools.partial(neumann, alpha=0.25, maxiter=30, check=False)):
+    solvers = (functools.partial(cg, maxiter=30, check=False), functools.partial(neumann, alpha=0.25, maxiter=30, check=False))
+    for solver in solvers:
         batched = torch.func.vmap(lambda p, s=solver: s(matvec, p).x)(batched_params)
         for i in range(5):
             single = solver(matvec, tree.unflatten(rhs[i], params)).x
