@@ -45,7 +45,10 @@ def solve_inner(
     w = tree.detach(w)
     for _ in range(newton_steps):
         lin = Linearization(problem, outer, w, batch, buffers)
-        step = cg(lin.hvp, tree.detach(lin.grad), maxiter=100, rtol=1e-12, check=False).x
+        try:
+            step = cg(lin.hvp, tree.detach(lin.grad), maxiter=100, rtol=1e-12).x
+        except BilevelError:  # not locally convex: keep the L-BFGS point
+            break
         w = tree.sub(w, step)
     g_norm = float(tree.norm(tree.detach(Linearization(problem, outer, w, batch, buffers).grad)))
     if not g_norm <= max(gtol**0.5, 1e-5):
