@@ -3,6 +3,7 @@
 Public API: describe the task as a :class:`Problem`, call :func:`solve`, read the :class:`Result`.
 """
 
+from bilevel import problems, solvers  # solvers: registers the built-in methods
 from bilevel.callbacks import EarlyStopping, ProgressBar, StepInfo
 from bilevel.check import HypergradCheck, check_hypergradient
 from bilevel.functional import ModuleView
@@ -34,8 +35,10 @@ __all__ = [
     "exact",
     "implicit_hypergrad",
     "neumann",
+    "problems",
     "register",
     "solve",
     "solver_options",
+    "solvers",
     "unrolled_hypergrad",
 ]

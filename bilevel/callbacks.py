@@ -13,6 +13,7 @@ class StepInfo:
     """What a callback sees after outer step ``step`` (0-based): scalars of that step and the run so far."""
 
     step: int
+    maxiter: int
     metrics: dict[str, float]
     state: Any
     history: History
@@ -32,7 +33,8 @@ class ProgressBar:
         if self._bar is None:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.total, desc=self.desc, **self.tqdm_kwargs)
+            total = self.total if self.total is not None else info.maxiter
+            self._bar = tqdm(total=total, desc=self.desc, **self.tqdm_kwargs)
         shown = {k: f"{info.metrics[k]:.4g}" for k in ("outer_loss", "hypergrad_norm") if k in info.metrics}
         self._bar.set_postfix(shown, refresh=False)
         self._bar.update(1)

@@ -133,7 +133,7 @@ def solve(
                   **{f"calls_{kind}": float(n) for kind, n in total_calls.items()},
                   "step_time": step_time, "elapsed": elapsed}
         history.append(record)
-        info = StepInfo(step=step, metrics=record, state=state, history=history, elapsed=elapsed)
+        info = StepInfo(step=step, maxiter=maxiter, metrics=record, state=state, history=history, elapsed=elapsed)
         stop = False
         for callback in callbacks:
             stop = bool(callback(info)) or stop
