@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -136,6 +136,41 @@ def constraint_vjp(
         raise ValueError(f"constraint_vjp: multiplier shape {tuple(mu.shape)} does not match g's {tuple(g.shape)}.")
     g_outer, g_inner = pullback(mu)
     return g, g_outer, g_inner
+
+
+def linearize_grad_inner(
+    problem: Problem, outer: Params, inner: Params, batch: Batch, buffers: Params | None = None
+) -> tuple[Params, Callable[[Params], tuple[Params, Params]]]:
+    r"""(∇_w L_T(λ, w), v ↦ ((∂²_{wλ} L_T)ᵀ v, ∇²_ww L_T v)): the gradient and its pullback, built once.
+
+    The pure ``torch.func`` counterpart of :class:`Linearization`: one forward and backward pass computes
+    ∇_w L_T and keeps its graph inside a ``vjp`` closure; each call of the returned pullback is one backward pass
+    over that graph (double backward) giving the mixed product and the Hessian-vector product together, and may be
+    repeated (CG on one point, or the reverse sweep of an unrolled inner loop). It composes with ``vmap`` (over
+    tasks), where the retained-graph :class:`Linearization` does not; the mixed product is zero when L_T ignores λ.
+    """
+    _tick("grad_inner")
+    g, pullback = vjp(lambda lam, w: grad(lambda w_: problem.inner_objective(lam, w_, batch, buffers))(w), outer, inner)
+
+    def products(v: Params) -> tuple[Params, Params]:
+        _tick("hvp")
+        mixed, hv = pullback(v)
+        return mixed, hv
+
+    return g, products
+
+
+def inner_uses_outer(problem: Problem, outer: Params, inner: Params, batch: Batch, buffers: Params | None = None) -> bool:
+    r"""Whether λ reaches L_T(λ, w; batch) at all (structurally, in the autograd graph), i.e. whether ∂²_{wλ} L_T
+    can be non-zero; one forward and backward pass. Lets a method skip mixed products that are known to vanish."""
+    _tick("grad_inner_outer")
+    lam = {k: v.detach().requires_grad_(True) for k, v in outer.items()}
+    with torch.enable_grad():
+        loss = problem.inner_objective(lam, {k: v.detach() for k, v in inner.items()}, batch, buffers)
+        if not loss.requires_grad:
+            return False
+        grads = torch.autograd.grad(loss, list(lam.values()), allow_unused=True)
+    return any(g is not None for g in grads)
 
 
 # ----- second order, retained graph ---------------------------------------------------------------------

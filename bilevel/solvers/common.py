@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import Tensor
+
 from bilevel import oracles, tree
 from bilevel.data import DataStreams
 from bilevel.optim import Optimizer
@@ -27,10 +29,20 @@ def train_inner(
     """
     loss = None
     for _ in range(n_steps):
-        loss, g, buffers = oracles.value_and_grad_inner(problem, outer, inner, data.inner(), buffers)
-        inner, opt_state = optimizer.update(inner, g, opt_state)
-        inner = problem.project_inner(tree.detach(inner))
+        inner, buffers, opt_state, loss = inner_step(problem, outer, inner, buffers, optimizer, opt_state, data.inner())
     return inner, buffers, opt_state, loss
+
+
+def inner_step(
+    problem: Problem, outer: Params, inner: Params, buffers: Params, optimizer: Optimizer, opt_state: Any, batch: Any
+) -> tuple[Params, Params, Any, Tensor]:
+    r"""One training step on a given batch: w ← Proj_W(Φ(w, ∇_w L_T(λ, w; B))).
+
+    Returns the new (inner, buffers, optimizer state, inner loss before the step).
+    """
+    loss, g, buffers = oracles.value_and_grad_inner(problem, outer, inner, batch, buffers)
+    inner, opt_state = optimizer.update(inner, g, opt_state)
+    return problem.project_inner(tree.detach(inner)), buffers, opt_state, loss
 
 
 def outer_update(
@@ -53,3 +65,9 @@ def require_nonnegative_int(owner: str, **values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or value < 0:
             raise BilevelError(f"{owner}: {name} must be an integer >= 0, got {value!r}.")
+
+
+def power_schedule(base: float, k: int, power: float, offset: float = 1.0) -> float:
+    r"""``base · ((k + offset) / offset)^power``: equals ``base`` at k = 0 and grows (power > 0) or decays
+    (power < 0) polynomially — the step-size and penalty schedules of F2SA and LV-HBA."""
+    return base * ((k + offset) / offset) ** power
