@@ -72,13 +72,18 @@ def neumann(
     v = b
     p = b
     b_norm = tree.norm(b)
-    for j in range(1, maxiter + 1):
+    norms = []
+    for _ in range(maxiter):
         v = tree.axpy(-alpha, matvec(v), v)
         p = tree.add(p, v)
         if check:
-            v_norm = tree.norm(v)
-            if not bool(torch.isfinite(v_norm)) or bool(v_norm > divergence_factor * b_norm):
-                _raise_divergence(matvec, b, alpha, j, float(v_norm / b_norm))
+            norms.append(tree.norm(v))
+    if norms:  # one host sync for the whole series (a per-term check would sync the device every term)
+        growth = torch.stack(norms) / b_norm
+        bad = ~torch.isfinite(growth) | (growth > divergence_factor)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0, 0])
+            _raise_divergence(matvec, b, alpha, j + 1, float(growth[j]))
     residual = tree.norm(v) / b_norm.clamp_min(torch.finfo(b_norm.dtype).tiny)
     return LinSolveResult(x=tree.scale(p, alpha), iterations=maxiter, residual=residual)
 
@@ -130,7 +135,9 @@ def cg(
 
     Stops when ‖r‖ ≤ max(rtol·‖b‖, atol) or after ``maxiter`` matvecs (one more when ``x0`` is given).
     ``residual`` is the recursively updated ‖r‖/‖b‖. With ``check=True``, non-positive curvature pᵀAp ≤ 0
-    (A not PD) raises; with ``check=False`` the step is skipped instead, which keeps the loop ``vmap``-able.
+    (A not PD) raises; with ``check=False`` the loop runs ``maxiter`` plain CG steps with no host synchronisation
+    (``vmap``-able), taking negative-curvature steps as standard CG does and skipping only exactly-zero curvature
+    (a converged direction).
     """
     if maxiter < 0:
         raise BilevelError(f"cg: maxiter must be >= 0, got {maxiter}.")
@@ -158,7 +165,8 @@ def cg(
                 "not positive definite here. Add inner regularisation, run more inner steps, or use method='ift' "
                 "(truncated Neumann stays bounded on indefinite Hessians)."
             )
-        step = torch.where(curvature > 0, rs / curvature.clamp_min(torch.finfo(rs.dtype).tiny), torch.zeros_like(rs))
+        nonzero = curvature != 0
+        step = torch.where(nonzero, rs / torch.where(nonzero, curvature, torch.ones_like(curvature)), torch.zeros_like(rs))
         x = tree.axpy(step, p, x)
         r = tree.axpy(-step, ap, r)
         rs_new = tree.sq_norm(r)

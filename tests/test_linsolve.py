@@ -88,3 +88,17 @@ def test_exact_refuses_huge_systems():
     _, _, params, matvec = spd_system()
     with pytest.raises(BilevelError, match="exceed max_size=5"):
         exact(matvec, params, max_size=5)
+
+
+def test_unchecked_cg_is_standard_cg_on_indefinite_systems():
+    """Symmetric indefinite, nonsingular A (eigenvalues ±1..±3): n steps of plain CG solve it exactly (Hestenes–Stiefel
+    termination, no breakdown here); oracle: torch.linalg.solve, 1e-8. The checked solver refuses the same system."""
+    gen = torch.Generator().manual_seed(4)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))
+    a = (q * torch.tensor([-3.0, -2.0, -1.0, 1.0, 2.0, 3.0], dtype=torch.float64)) @ q.T
+    b = torch.randn(6, generator=gen, dtype=torch.float64)
+    params = {"x": b}
+    result = cg(lambda p: {"x": a @ p["x"]}, params, maxiter=6, check=False)
+    torch.testing.assert_close(result.x["x"], torch.linalg.solve(a, b), rtol=1e-8, atol=1e-8)
+    with pytest.raises(BilevelError, match="non-positive curvature"):
+        cg(lambda p: {"x": a @ p["x"]}, params, maxiter=6)
