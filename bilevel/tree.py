@@ -34,7 +34,10 @@ def axpy(alpha: float | Tensor, x: Params, y: Params) -> Params:
 
 def dot(a: Params, b: Params) -> Tensor:
     """⟨a, b⟩ = Σ_k Σ_i a_k[i]·b_k[i] (a 0-d tensor)."""
-    return sum(((a[k] * b[k]).sum() for k in a), torch.zeros((), dtype=_dtype(a), device=_device(a)))
+    if len(a) == 1:
+        k = next(iter(a))
+        return torch.vdot(a[k].reshape(-1), b[k].reshape(-1))
+    return torch.stack([torch.vdot(a[k].reshape(-1), b[k].reshape(-1)) for k in a]).sum() if a else torch.zeros(())
 
 
 def sq_norm(a: Params) -> Tensor:
@@ -97,14 +100,6 @@ def unflatten_batched(flat: Tensor, like: Params) -> Params:
 def all_finite(a: Params) -> bool:
     """True where every entry is finite (one host sync)."""
     return bool(torch.stack([torch.isfinite(v).all() for v in a.values()]).all()) if a else True
-
-
-def _dtype(a: Params) -> torch.dtype:
-    return next(iter(a.values())).dtype if a else torch.get_default_dtype()
-
-
-def _device(a: Params) -> torch.device:
-    return next(iter(a.values())).device if a else torch.device("cpu")
 
 
 def as_params(x: Tensor | Params, default_name: str) -> Params:
