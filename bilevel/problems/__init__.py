@@ -12,10 +12,12 @@ from typing import Any
 
 from bilevel.problem import BilevelError, Problem
 from bilevel.problems.datasets import DatasetUnavailable
+from bilevel.problems.fewshot import fewshot_problem
 from bilevel.problems.hypercleaning import hypercleaning_data, hypercleaning_problem, hypercleaning_small
 from bilevel.problems.logreg_l2 import logreg_l2_problem, logreg_l2_spam
 from bilevel.problems.quadratic import Quadratic, quadratic_data, quadratic_problem
 from bilevel.problems.ridge import ridge_data, ridge_hypergrad, ridge_problem, ridge_solution, ridge_val_loss
+from bilevel.problems.sinusoid import sinusoid_problem
 
 Evaluate = Callable[[Any], dict[str, float]]
 
@@ -25,6 +27,8 @@ PROBLEMS: dict[str, Callable[..., tuple[Problem, Evaluate]]] = {
     "logreg_l2_spam": logreg_l2_spam,
     "hypercleaning": hypercleaning_problem,
     "hypercleaning_small": hypercleaning_small,
+    "sinusoid": sinusoid_problem,
+    "fewshot_fashion_mnist": fewshot_problem,
 }
 """Problem factories by name: ``problem, evaluate = PROBLEMS["quadratic"](seed=0)``."""
 
@@ -38,6 +42,8 @@ SUGGESTED_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
     "logreg_l2_spam": {m: _LOGREG for m in ("ift", "cg", "exact")},
     "hypercleaning": {"cg": _CLEANING, "ift": {**_CLEANING, "neumann_terms": 10, "neumann_alpha": 0.2}},
     "hypercleaning_small": {"cg": _CLEANING, "ift": {**_CLEANING, "neumann_terms": 10, "neumann_alpha": 0.2}},
+    "sinusoid": {"maml": {"inner_steps": 1, "inner_lr": 0.01, "outer_lr": 3e-3}},
+    "fewshot_fashion_mnist": {"maml": {"inner_steps": 1, "inner_lr": 0.4, "outer_lr": 2e-3}},
 }
 """Solver settings measured to work on each problem (problem -> method -> options); the CLI starts from these.
 Quadratic: A's largest eigenvalue is 1, so an inner step of 1 is 1/L. Hyper-cleaning: heavy-ball momentum on w
@@ -84,6 +90,7 @@ __all__ = [
     "DatasetUnavailable",
     "Evaluate",
     "Quadratic",
+    "fewshot_problem",
     "get_problem",
     "hypercleaning_data",
     "hypercleaning_problem",
@@ -99,5 +106,6 @@ __all__ = [
     "ridge_problem",
     "ridge_solution",
     "ridge_val_loss",
+    "sinusoid_problem",
     "suggested_options",
 ]
