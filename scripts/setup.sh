@@ -23,12 +23,12 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/pip install -q torch==2.13.0 2>/dev/null \
     || .venv/bin/pip install -q "torch>=2.3"
 fi
+if ! .venv/bin/python -c "import bilevel, higher, sklearn, mlxtend, pytest, psycopg2" >/dev/null 2>&1; then
+  .venv/bin/pip install -q -e ".[dev]"
+fi
 # Peers compared in tests/test_peers.py and benchmarks/ (optional: those tests skip without them). Betty's metadata
 # has non-standard version specifiers, hence --no-deps (its needs, torch and numpy, are already here).
 if ! .venv/bin/python -c "import torchopt, betty" >/dev/null 2>&1; then
   .venv/bin/pip install -q torchopt==0.7.3 >/dev/null 2>&1 || echo "setup: torchopt not installed; its comparison tests will skip" >&2
   .venv/bin/pip install -q --no-deps betty-ml==0.1.1 >/dev/null 2>&1 || echo "setup: betty-ml not installed; its comparison tests will skip" >&2
-fi
-if ! .venv/bin/python -c "import bilevel, higher, sklearn, mlxtend, pytest, psycopg2" >/dev/null 2>&1; then
-  .venv/bin/pip install -q -e ".[dev]"
 fi
