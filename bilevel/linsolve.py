@@ -148,27 +148,56 @@ def cg(
     p = r
     rs = tree.sq_norm(r)
     b_norm = tree.norm(b)
-    threshold = torch.clamp(rtol * b_norm, min=atol) ** 2
+    tiny = torch.finfo(rs.dtype).tiny
+    if check:
+        return _cg_checked(matvec, x, r, p, float(rs), float(b_norm), rtol, atol, maxiter, iterations)
     for _ in range(maxiter):
-        if check and bool(rs <= threshold):
-            break
         ap = matvec(p)
         iterations += 1
         curvature = tree.dot(p, ap)
-        if check and bool(curvature <= 0):
-            raise BilevelError(
-                f"cg: non-positive curvature pᵀAp={float(curvature):.3g} at iteration {iterations}: the inner Hessian is "
-                "not positive definite here. Add inner regularisation, run more inner steps, or use method='ift' "
-                "(truncated Neumann stays bounded on indefinite Hessians)."
-            )
         nonzero = curvature != 0
         step = torch.where(nonzero, rs / torch.where(nonzero, curvature, torch.ones_like(curvature)), torch.zeros_like(rs))
         x = tree.axpy(step, p, x)
         r = tree.axpy(-step, ap, r)
         rs_new = tree.sq_norm(r)
-        p = tree.axpy(rs_new / rs.clamp_min(torch.finfo(rs.dtype).tiny), p, r)
+        p = tree.axpy(rs_new / rs.clamp_min(tiny), p, r)
         rs = rs_new
-    residual = rs.sqrt() / b_norm.clamp_min(torch.finfo(b_norm.dtype).tiny)
+    residual = rs.sqrt() / b_norm.clamp_min(tiny)
+    return LinSolveResult(x=x, iterations=iterations, residual=residual)
+
+
+def _cg_checked(
+    matvec: MatVec, x: Params, r: Params, p: Params, rs: float, b_norm: float,
+    rtol: float, atol: float, maxiter: int, iterations: int,
+) -> LinSolveResult:
+    """CG with convergence and curvature checks: the scalars live on the host (one sync per iteration, as the
+    checks need anyway), so each iteration launches only the matvec and five vector kernels."""
+    threshold = max(rtol * b_norm, atol) ** 2
+    for _ in range(maxiter):
+        if rs <= threshold:
+            break
+        ap = matvec(p)
+        iterations += 1
+        curvature = float(tree.dot(p, ap))
+        if not math.isfinite(curvature):
+            raise BilevelError(
+                f"cg: the Hessian-vector product is not finite at iteration {iterations}: the inner variables or the "
+                "inner loss hold NaN/inf (diverged inner steps?); lower inner_lr or check the data."
+            )
+        if not curvature > 0:
+            raise BilevelError(
+                f"cg: non-positive curvature pᵀAp={curvature:.3g} at iteration {iterations}: the inner Hessian is "
+                "not positive definite here. Add inner regularisation, run more inner steps, or use method='ift' "
+                "(truncated Neumann stays bounded on indefinite Hessians)."
+            )
+        step = rs / curvature
+        x = tree.axpy(step, p, x)
+        r = tree.axpy(-step, ap, r)
+        rs_new = float(tree.sq_norm(r))
+        p = tree.axpy(rs_new / rs if rs > 0 else 0.0, p, r)
+        rs = rs_new
+    dtype = next(iter(x.values())).dtype if x else torch.get_default_dtype()
+    residual = torch.tensor(math.sqrt(rs) / max(b_norm, 1e-300), dtype=dtype)
     return LinSolveResult(x=x, iterations=iterations, residual=residual)
 
 

@@ -121,7 +121,10 @@ def solve(
     for step in range(maxiter):
         t0 = time.perf_counter()
         with count_oracle_calls() as calls:
-            state, metrics = solver.step(problem, state, data)
+            try:
+                state, metrics = solver.step(problem, state, data)
+            except BilevelError as e:
+                raise type(e)(f"{e} [{name}, outer step {step}]") from e
         scalars = {k: _scalar(v) for k, v in metrics.items()}
         step_time = time.perf_counter() - t0
         total_calls.update(calls)
