@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"{metrics['test_loss']:.4f} | {metrics['test_accuracy']:.3f} | {result.wall_time:.1f} |")
     print(f"\nfeatures switched off (e^λ > 1): {len(off)} of {penalties.numel()}: {off}")
     print(f"oracle calls: {result.oracle_calls}; {result.n_steps} outer steps")
+    print(f"30 penalties are fitted to {len(splits.val)} validation examples: compare the validation and test columns "
+          "to see how much of the gain is validation overfitting (see also --maxiter).")
     return {"grid_val_loss": best[0], "bilevel_val_loss": val_loss, **metrics}
 
 
