@@ -25,7 +25,7 @@ from bilevel import oracles, tree
 from bilevel.linsolve import LinSolveResult, cg
 from bilevel.optim import Optimizer
 from bilevel.problem import Problem
-from bilevel.types import Batch, MatVec, Params
+from bilevel.types import Batch, Params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +124,3 @@ def unrolled_hypergrad(
     return Hypergradient(
         hypergrad=hypergrad, outer_loss=outer_loss.detach(), inner=tree.detach(w), buffers=buffers
     )
-
-
-def hessian_matvec(problem: Problem, outer: Params, inner: Params, batch: Batch, buffers: Params | None = None) -> MatVec:
-    """The operator v ↦ ∇²_ww L_T(λ, w; batch) v on a retained graph (for diagnostics and custom solvers)."""
-    return _HessianOperator(oracles.Linearization(problem, outer, inner, batch, buffers))

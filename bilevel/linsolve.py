@@ -148,9 +148,9 @@ def cg(
     p = r
     rs = tree.sq_norm(r)
     b_norm = tree.norm(b)
-    tiny = torch.finfo(rs.dtype).tiny
     if check:
         return _cg_checked(matvec, x, r, p, float(rs), float(b_norm), rtol, atol, maxiter, iterations)
+    tiny = torch.finfo(rs.dtype).tiny
     for _ in range(maxiter):
         ap = matvec(p)
         iterations += 1

@@ -200,7 +200,7 @@ class Problem:
         inner = {k: v.detach().requires_grad_(True) for k, v in self.inner_init.items()}
         with torch.enable_grad():
             lt = _evaluate("inner_loss", "inner_data", self.inner_objective, outer, inner, inner_batch)
-            lv = _evaluate("outer_loss", "outer_data", self.outer_objective, outer, inner, outer_batch)
+            _evaluate("outer_loss", "outer_data", self.outer_objective, outer, inner, outer_batch)
             if self.check_dependencies:
                 grads = torch.autograd.grad(lt, list(outer.values()), allow_unused=True)
                 unused = [k for k, g in zip(outer, grads) if g is None]
@@ -211,7 +211,6 @@ class Problem:
                         "cannot respond to them and their hypergradient through the inner problem is zero. "
                         "Use them in inner_loss, move them to the inner variables, or pass check_dependencies=False."
                     )
-        del lv
         if self.inner_constraints is not None:
             g = self.inner_constraints(self.outer_view(outer), self.inner_view(inner, None, training=False))
             if not isinstance(g, Tensor) or g.dim() > 1:

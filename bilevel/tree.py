@@ -95,18 +95,3 @@ def unflatten_batched(flat: Tensor, like: Params) -> Params:
         out[k] = flat[:, offset : offset + n].reshape(flat.shape[0], *v.shape)
         offset += n
     return out
-
-
-def all_finite(a: Params) -> bool:
-    """True where every entry is finite (one host sync)."""
-    return bool(torch.stack([torch.isfinite(v).all() for v in a.values()]).all()) if a else True
-
-
-def as_params(x: Tensor | Params, default_name: str) -> Params:
-    """Wrap a lone tensor as ``{default_name: x}``; pass dicts through."""
-    if isinstance(x, Tensor):
-        return {default_name: x}
-    return dict(x)
-
-
-Tensorish = Tensor | Params

@@ -8,7 +8,7 @@ import torch
 from bilevel import cg, exact, implicit_hypergrad, neumann, tree, unrolled_hypergrad
 from bilevel.inner import solve_inner
 from bilevel.optim import sgd
-from bilevel.oracles import Linearization, hvp, mixed_vjp
+from bilevel.oracles import Linearization, hvp, jvp_inner, mixed_vjp
 from bilevel.problem import Problem
 from bilevel.problems.ridge import ridge_data, ridge_hypergrad, ridge_problem
 
@@ -81,7 +81,7 @@ def test_unrolled_matches_linear_closed_form():
 
 
 def test_oracles_match_dense_autograd_hessian():
-    """HVP (torch.func and retained graph, single and batched) and mixed VJP against torch.autograd.functional.hessian."""
+    """HVP (torch.func and retained graph, single and batched), mixed VJP and JVP against torch.autograd.functional."""
     torch.manual_seed(1)
     problem, train, val, lam, w = ridge_setup(dim=5)
     weight = torch.randn(5, dtype=torch.float64)
@@ -101,6 +101,10 @@ def test_oracles_match_dense_autograd_hessian():
     torch.testing.assert_close(lin.hvp({"_": vs}, batched=True)["_"], vs @ h_ww.T)
     torch.testing.assert_close(mixed_vjp(nonquadratic, lam, w, None, {"_": v})["_"], h_lw @ v)
     torch.testing.assert_close(lin.mixed_vjp({"_": v})["_"], h_lw @ v)
+    value, directional = jvp_inner(nonquadratic, lam, w, None, {"_": v})
+    grad_w = torch.autograd.functional.jacobian(lambda w_: lt(lam["_"], w_), w["_"])
+    torch.testing.assert_close(value, lt(lam["_"], w["_"]))
+    torch.testing.assert_close(directional, grad_w @ v)
     batched = torch.func.vmap(lambda vv: hvp(nonquadratic, lam, w, None, {"_": vv})["_"])(vs)
     torch.testing.assert_close(batched, vs @ h_ww.T)
 
