@@ -8,7 +8,7 @@ from torch import Tensor
 
 from bilevel import oracles, tree
 from bilevel.data import DataStreams
-from bilevel.optim import Optimizer
+from bilevel.optim import Optimizer, make_optimizer
 from bilevel.problem import BilevelError, Problem
 from bilevel.types import Params
 
@@ -43,6 +43,11 @@ def inner_step(
     loss, g, buffers = oracles.value_and_grad_inner(problem, outer, inner, batch, buffers)
     inner, opt_state = optimizer.update(inner, g, opt_state)
     return problem.project_inner(tree.detach(inner)), buffers, opt_state, loss
+
+
+def make_inner_optimizer(name: str, lr: float, momentum: float = 0.0) -> Optimizer:
+    """The inner optimizer by name; ``momentum`` applies to ``"sgd"`` (heavy ball) and is ignored by the others."""
+    return make_optimizer(name, lr, **({"momentum": momentum} if name == "sgd" else {}))
 
 
 def outer_update(

@@ -20,10 +20,10 @@ from bilevel import tree
 from bilevel.data import DataStreams
 from bilevel.hypergrad import Hypergradient, implicit_hypergrad
 from bilevel.linsolve import cg, exact, neumann
-from bilevel.optim import make_optimizer
+from bilevel.optim import Optimizer, make_optimizer
 from bilevel.problem import BilevelError, Problem
 from bilevel.registry import register
-from bilevel.solvers.common import outer_update, require_nonnegative_int, require_positive, train_inner
+from bilevel.solvers.common import make_inner_optimizer, outer_update, require_nonnegative_int, require_positive, train_inner
 from bilevel.types import Params
 
 LinSolveName = Literal["neumann", "cg", "exact"]
@@ -81,6 +81,11 @@ class IFT:
             raise BilevelError(f"{owner}: linsolve must be 'neumann', 'cg' or 'exact', got {self.linsolve!r}.")
 
     # ----- pieces -------------------------------------------------------------------------------------------
+    def _optimizers(self) -> tuple[Optimizer, Optimizer]:
+        """(inner, outer) optimizers of these settings."""
+        inner = make_inner_optimizer(self.inner_optimizer, self.inner_lr, self.inner_momentum)
+        return inner, make_optimizer(self.outer_optimizer, self.outer_lr)
+
     def linear_solver(self) -> Any:
         """The configured ``solve(matvec, b, [x0]) -> LinSolveResult``."""
         if self.linsolve == "neumann":
@@ -103,15 +108,13 @@ class IFT:
 
     # ----- protocol -----------------------------------------------------------------------------------------
     def init(self, problem: Problem) -> ImplicitState:
-        inner_opt = make_optimizer(self.inner_optimizer, self.inner_lr, **_momentum(self))
-        outer_opt = make_optimizer(self.outer_optimizer, self.outer_lr)
+        inner_opt, outer_opt = self._optimizers()
         outer = problem.project_outer(tree.clone(problem.outer_init))
         inner = tree.clone(problem.inner_init)
         return ImplicitState(outer, inner, tree.clone(problem.buffers_init), inner_opt.init(inner), outer_opt.init(outer))
 
     def step(self, problem: Problem, state: ImplicitState, data: DataStreams) -> tuple[ImplicitState, dict[str, Any]]:
-        inner_opt = make_optimizer(self.inner_optimizer, self.inner_lr, **_momentum(self))
-        outer_opt = make_optimizer(self.outer_optimizer, self.outer_lr)
+        inner_opt, outer_opt = self._optimizers()
         inner, buffers, inner_state, inner_loss = train_inner(
             problem, state.outer, state.inner, state.buffers, inner_opt, state.inner_opt, data, self.inner_steps
         )
@@ -127,10 +130,6 @@ class IFT:
             metrics["inner_loss"] = inner_loss
         new_state = ImplicitState(outer, inner, buffers, inner_state, outer_state, v=hg.linsolve.x)
         return new_state, metrics
-
-
-def _momentum(solver: Any) -> dict[str, float]:
-    return {"momentum": solver.inner_momentum} if solver.inner_optimizer == "sgd" else {}
 
 
 @register("cg")

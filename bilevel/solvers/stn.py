@@ -66,7 +66,7 @@ from bilevel.data import DataStreams
 from bilevel.optim import OPTIMIZERS, Optimizer, make_optimizer
 from bilevel.problem import BilevelError, Problem
 from bilevel.registry import register
-from bilevel.solvers.common import inner_step, outer_update, require_nonnegative_int, require_positive
+from bilevel.solvers.common import inner_step, make_inner_optimizer, outer_update, require_nonnegative_int, require_positive
 from bilevel.stn.space import HyperSpace
 from bilevel.types import Batch, Params
 
@@ -149,8 +149,7 @@ class STN:
 
     # ----- pieces -------------------------------------------------------------------------------------------
     def _inner_opt(self) -> Optimizer:
-        extra = {"momentum": self.inner_momentum} if self.inner_optimizer == "sgd" else {}
-        return make_optimizer(self.inner_optimizer, self.inner_lr, **extra)
+        return make_inner_optimizer(self.inner_optimizer, self.inner_lr, self.inner_momentum)
 
     def _outer_opt(self) -> Optimizer:
         return make_optimizer(self.outer_optimizer, self.outer_lr)

@@ -54,6 +54,9 @@ class Unrolled:
     def inner_optimizer(self) -> Optimizer:
         return make_optimizer("sgd", self.inner_lr, momentum=self.inner_momentum)
 
+    def make_outer_optimizer(self) -> Optimizer:
+        return make_optimizer(self.outer_optimizer, self.outer_lr)
+
     def hypergradient(
         self, problem: Problem, outer: Params, inner: Params, data: DataStreams, buffers: Params | None = None
     ) -> Hypergradient:
@@ -66,15 +69,14 @@ class Unrolled:
 
     def init(self, problem: Problem) -> UnrolledState:
         outer = problem.project_outer(tree.clone(problem.outer_init))
-        opt = make_optimizer(self.outer_optimizer, self.outer_lr)
+        opt = self.make_outer_optimizer()
         return UnrolledState(outer, tree.clone(problem.inner_init), tree.clone(problem.buffers_init), opt.init(outer))
 
     def step(self, problem: Problem, state: UnrolledState, data: DataStreams) -> tuple[UnrolledState, dict[str, Any]]:
         start = problem.inner_init if self.reset_inner else state.inner
         buffers = problem.buffers_init if self.reset_inner else state.buffers
         hg = self.hypergradient(problem, state.outer, start, data, buffers)
-        opt = make_optimizer(self.outer_optimizer, self.outer_lr)
-        outer, outer_state = outer_update(problem, state.outer, hg.hypergrad, opt, state.outer_opt)
+        outer, outer_state = outer_update(problem, state.outer, hg.hypergrad, self.make_outer_optimizer(), state.outer_opt)
         metrics = {"outer_loss": hg.outer_loss, "hypergrad_norm": tree.norm(hg.hypergrad)}
         inner = problem.project_inner(hg.inner)
         return UnrolledState(outer, inner, hg.buffers or {}, outer_state), metrics
