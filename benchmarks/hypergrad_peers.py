@@ -9,7 +9,9 @@ Adam steps on L_T) and the same λ, with the same K:
 * unrolled: reverse mode through K SGD steps w_t = w_{t−1} − α ∇_w L_T(λ, w_{t−1}) started at w (Franceschi et al.,
   2017, "Forward and Reverse Gradient-Based Hyperparameter Optimization", ICML).
 
-Contenders: bilevel (``implicit_hypergrad`` with ``neumann`` / ``cg``, ``unrolled_hypergrad``); TorchOpt 0.7.3
+Contenders: bilevel (``implicit_hypergrad`` with ``neumann`` / ``cg``, ``cg`` with ``hvp_dtype`` one precision lower
+("bilevel CG mixed": float32 products for float64 problems, bfloat16 for float32, reliable residual updates in the
+working precision), ``unrolled_hypergrad``); TorchOpt 0.7.3
 (``custom_root`` + ``linear_solve.solve_cg``); higher 0.2.1 (``innerloop_ctx`` + differentiable SGD); Betty 0.1.1
 (``betty.hypergradient.get_grads`` with its ``neumann`` routine on two ``ImplicitProblem`` objects, no ``Engine``);
 a plain-autograd Neumann loop (double backward on a retained graph, as in PERFORMANCE.md). Peers are imported lazily
@@ -17,7 +19,9 @@ and skipped, with the reason printed, when missing or broken.
 
 Problems: (1) per-weight ridge (``bilevel.problems.ridge``; reference: the closed-form hypergradient); (2) MLP 784-H-H-10
 classifier with one weight-decay hyperparameter per weight, L_T = CE(train) + ½ Σ e^λ w², L_V = CE(val), full batch,
-float32. Accuracy on the MLP: at a trained point H = ∂²_ww L_T is near-singular and slightly indefinite (at H=64,
+float32; (3) the same with no hidden layer ("logreg": multinomial logistic regression, 7850 weights, a convex inner
+problem, so H is positive definite and the MINRES reference below is well posed; always computed).
+Accuracy on the MLP: at a trained point H = ∂²_ww L_T is near-singular and slightly indefinite (at H=64,
 N=1024, e^λ = 0.01, 800 Adam steps: smallest eigenvalues ≈ −0.016 by Lanczos, scipy ``eigsh``), so H⁻¹∂_w L_V is
 ill-posed: against a MINRES solve (still at residual 1e-2 after 3000 iterations) CG, TorchOpt's CG and Neumann all have
 relative error ≈ 1 at K = 10 (0.96 at K = 160). What the MLP rows report instead is the agreement of each peer with
@@ -219,10 +223,15 @@ def make_mlp_case(
     hidden: int, n: int, *, weight_decay: float, train_steps: int, data: str, dtype: torch.dtype, device: torch.device,
     seed: int, cache_dir: str | None = None,
 ) -> Case:
-    """MLP 784-H-H-10, λ = log(weight_decay) for every weight; w after ``train_steps`` full-batch Adam steps."""
+    """MLP 784-H-H-10 (``hidden=0``: multinomial logistic regression 784-10, a convex inner problem with a
+    positive-definite H), λ = log(weight_decay) for every weight; w after ``train_steps`` full-batch Adam steps."""
     torch.manual_seed(seed)
     train, val, what = load_classification(n, data, seed, device, dtype)
-    module = nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    if hidden:
+        module = nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    else:
+        module = nn.Linear(784, 10)
+    name = "mlp" if hidden else "logreg"
     module = module.to(device=device, dtype=dtype)
     names = [k for k, _ in module.named_parameters()]
     lam = {k: torch.full_like(p, math.log(weight_decay)).requires_grad_(True) for k, p in module.named_parameters()}
@@ -238,7 +247,7 @@ def make_mlp_case(
     # "after training the inner problem": full-batch Adam on L_T (cached on disk: the same point on every run)
     t0 = time.perf_counter()
     cache = None
-    tag = f"mlp_H{hidden}_N{n}_wd{weight_decay:g}_steps{train_steps}_{data}_seed{seed}"
+    tag = f"{name}_H{hidden}_N{n}_wd{weight_decay:g}_steps{train_steps}_{data}_seed{seed}"
     if cache_dir:
         cache = os.path.join(os.path.expanduser(cache_dir), tag + ".pt")
     if cache and os.path.exists(cache):
@@ -261,17 +270,18 @@ def make_mlp_case(
             torch.save(module.state_dict(), cache)
     w = {k: p.detach().clone() for k, p in module.named_parameters()}
     problem = bilevel.Problem(outer=lam, inner=module, inner_loss=inner_loss, outer_loss=outer_loss,
-                              inner_data=train, outer_data=val, name="mlp")
+                              inner_data=train, outer_data=val, name=name)
     n_params = sum(p.numel() for p in module.parameters())
+    size = f"H={hidden}, N={n} ({n_params / 1e6:.2f}M)" if hidden else f"784-10, N={n} ({n_params} weights)"
     case = Case(
-        name="mlp", label=f"H={hidden}, N={n} ({n_params / 1e6:.2f}M)", module=module, names=names, lam=lam, w=w,
+        name=name, label=size, module=module, names=names, lam=lam, w=w,
         train=train, val=val, data_loss=F.cross_entropy, problem=problem, bl_key={k: k for k in names}, cache_tag=tag,
     )
     lin = oracles.Linearization(problem, case.bl_outer(), case.bl_inner(), train)
     g_norm = float(tree.norm(tree.detach(lin.grad)))
     lipschitz = power_iteration(lin.hvp, {k: torch.randn_like(v) for k, v in w.items()}, maxiter=30)
     case.alpha = 1.0 / (1.05 * lipschitz)
-    print(f"[mlp {case.label}] data: {what}; inner point after {train_steps} Adam steps, {how}: "
+    print(f"[{name} {case.label}] data: {what}; inner point after {train_steps} Adam steps, {how}: "
           f"L_T={float(lin.loss):.4f}, |∇_w L_T|={g_norm:.3g}; L≈{lipschitz:.3g} (power iteration), α=1/(1.05 L); "
           f"weight decay e^λ={weight_decay:g}")
     return case
@@ -389,6 +399,24 @@ def bilevel_cg(case: Case, k: int, *, check: bool = True) -> Runner:
 
     def run() -> list[Tensor]:
         hg = bilevel.implicit_hypergrad(case.problem, outer, inner, inner_batch=case.train, outer_batch=case.val, solve=solve)
+        return [hg.hypergrad[case.bl_key[n]] for n in case.names]
+
+    return run
+
+
+LOW_PRECISION = {torch.float64: torch.float32, torch.float32: torch.bfloat16}
+
+
+def bilevel_cg_mixed(case: Case, k: int) -> Runner:
+    """bilevel CG with ``hvp_dtype``: Hessian-vector products one precision lower (float64 → float32, float32 →
+    bfloat16), residuals corrected in the working precision (reliable updates); k cheap products."""
+    solve = functools.partial(cg, maxiter=k, rtol=0.0)
+    outer, inner = case.bl_outer(), case.bl_inner()
+    low = LOW_PRECISION[case.w[case.names[0]].dtype]
+
+    def run() -> list[Tensor]:
+        hg = bilevel.implicit_hypergrad(case.problem, outer, inner, inner_batch=case.train, outer_batch=case.val,
+                                        solve=solve, hvp_dtype=low)
         return [hg.hypergrad[case.bl_key[n]] for n in case.names]
 
     return run
@@ -526,13 +554,15 @@ CONTENDERS = [
     Contender("one gradient", one_gradient, "unit"),
     Contender("bilevel Neumann", bilevel_neumann, "implicit"),
     Contender("bilevel CG", bilevel_cg, "implicit"),
+    Contender("bilevel CG mixed", bilevel_cg_mixed, "implicit"),
     Contender("bilevel unrolled", bilevel_unrolled, "unrolled"),
     Contender("plain Neumann", plain_neumann, "implicit"),
     Contender("TorchOpt CG", torchopt_cg, "implicit", "torchopt"),
     Contender("higher unrolled", higher_unrolled, "unrolled", "higher"),
     Contender("Betty Neumann", betty_neumann, "implicit", "betty"),
 ]
-RATIOS = [("TorchOpt / bilevel", "TorchOpt CG", "bilevel CG"), ("higher / bilevel", "higher unrolled", "bilevel unrolled"),
+RATIOS = [("TorchOpt / bilevel", "TorchOpt CG", "bilevel CG"), ("TorchOpt / bilevel mixed", "TorchOpt CG", "bilevel CG mixed"),
+          ("higher / bilevel", "higher unrolled", "bilevel unrolled"),
           ("Betty / bilevel", "Betty Neumann", "bilevel Neumann")]
 
 
@@ -692,7 +722,7 @@ class Row:
 
 
 SAME_ALGORITHM = {"plain Neumann": "bilevel Neumann", "Betty Neumann": "bilevel Neumann", "TorchOpt CG": "bilevel CG",
-                  "higher unrolled": "bilevel unrolled"}
+                  "bilevel CG mixed": "bilevel CG", "higher unrolled": "bilevel unrolled"}
 
 
 def run_main(case: Case, k: int, contenders: list[Contender], args: argparse.Namespace) -> Row:
@@ -704,6 +734,9 @@ def run_main(case: Case, k: int, contenders: list[Contender], args: argparse.Nam
         except bilevel.BilevelError as e:
             makers["bilevel CG"] = functools.partial(bilevel_cg, case, k, check=False)
             notes.append(f"bilevel CG: {str(e)[:70]}…; timed with check=False (skips such steps; TorchOpt takes them)")
+            if makers.pop("bilevel CG mixed", None):  # its reliable updates need the checked loop
+                notes.append("bilevel CG mixed: not run (mixed precision needs the checked CG loop, which refuses an "
+                             "indefinite H)")
     runners = {label: make() for label, make in makers.items()}
     seconds, outputs, failed = time_round_robin(runners, case.device, args.reps, args.warmup)
     errors, agreement = {}, {}
@@ -884,7 +917,7 @@ def cast_case(case: Case, dtype: torch.dtype) -> Case:
     val = (case.val[0].to(dtype), case.val[1].to(dtype) if case.val[1].is_floating_point() else case.val[1])
     outer = {case.bl_key[k]: lam[k] for k in case.names}
     outer_arg: Any = outer["_"] if "_" in outer else outer
-    inner_arg: Any = module if case.name == "mlp" else case.w["w"].to(dtype)
+    inner_arg: Any = case.w["w"].to(dtype) if case.name == "ridge" else module
     problem = dataclasses.replace(case.problem, outer=outer_arg, inner=inner_arg, inner_data=train, outer_data=val)
     return dataclasses.replace(case, module=module, lam=lam, w={k: v.to(dtype) for k, v in case.w.items()},
                                train=train, val=val, problem=problem)
@@ -901,9 +934,10 @@ def profile_bilevel(case: Case, k: int, args: argparse.Namespace, with_torchopt:
     b = tree.detach(oracles.grad_outer(problem, outer, inner, val)[2])
     v = {n: torch.randn_like(t) for n, t in b.items()}
     flat_lin = _FlatLinearization(case)
-    low_precision = case.w[case.names[0]].dtype == torch.float32  # autocast to bf16 only touches float32 work
-    with torch.autocast(case.device.type, dtype=torch.bfloat16):  # prototype: low-precision HVPs (AMX / tensor cores)
-        lin_bf16 = oracles.Linearization(problem, outer, inner, train)
+    low = LOW_PRECISION[case.w[case.names[0]].dtype]
+    lin_low = oracles.Linearization(problem, tree.cast(outer, low), tree.cast(inner, low), tree.cast_batch(train, low))
+    v_low = tree.cast(v, low)
+    low_name = str(low).removeprefix("torch.")
 
     def plain_grad_outer() -> Any:
         w = {n: t.detach().requires_grad_(True) for n, t in case.w.items()}
@@ -912,14 +946,6 @@ def profile_bilevel(case: Case, k: int, args: argparse.Namespace, with_torchopt:
     def jvp_neumann() -> Any:  # Neumann with the pure torch.func HVP (forward-over-reverse), no retained graph
         mv = functools.partial(oracles.hvp, problem, outer, inner, train)
         return neumann(mv, b, alpha=case.alpha, maxiter=k, check=False)
-
-    def bf16_hypergrad() -> list[Tensor]:  # prototype: whole hypergradient, CG on bf16 HVPs, fp32 vectors
-        d_inner = oracles.grad_outer(problem, outer, inner, val)[2]
-        with torch.autocast(case.device.type, dtype=torch.bfloat16):
-            lin_ = oracles.Linearization(problem, outer, inner, train)
-        x = cg(lin_.hvp, d_inner, maxiter=k, rtol=0.0, check=False).x
-        mixed = lin_.mixed_vjp(x)
-        return [-mixed[case.bl_key[n]] for n in case.names]
 
     cg_label = f"cg({k}), check=True"
     parts: dict[str, Runner] = {
@@ -941,9 +967,8 @@ def profile_bilevel(case: Case, k: int, args: argparse.Namespace, with_torchopt:
         f"whole: implicit_hypergrad CG({k}), check=False": bilevel_cg(case, k, check=False),
         f"whole: prototype, flat vector + plain autograd, CG({k})": lambda: _FlatLinearization(case).hypergrad_cg(k),
     }
-    if low_precision:
-        parts["one HVP, double backward under bf16 autocast (prototype)"] = lambda: lin_bf16.hvp(v)
-        parts[f"whole: prototype, CG({k}) with bf16-autocast HVPs"] = bf16_hypergrad
+    parts[f"one HVP in {low_name} (hvp_dtype's linearization)"] = lambda: lin_low.hvp(v_low)
+    parts[f"whole: implicit_hypergrad CG({k}), hvp_dtype={low_name}"] = bilevel_cg_mixed(case, k)
     if args.profile_jvp:
         parts[f"whole: Neumann({k}) with torch.func HVPs"] = jvp_neumann
     if with_torchopt:
@@ -964,8 +989,8 @@ def profile_bilevel(case: Case, k: int, args: argparse.Namespace, with_torchopt:
     cgs = seconds.get(cg_label, seconds[f"cg({k}), check=False"])
     fixed = seconds["grad_outer: (L_V, ∂_λ L_V, ∂_w L_V) by torch.func"] + seconds["Linearization: ∇_w L_T with graph"]
     model = fixed + k * hvp + seconds["mixed VJP (Linearization.mixed_vjp)"]
-    bf16_hvp = seconds.get("one HVP, double backward under bf16 autocast (prototype)")
-    bf16_s = f"; bf16 autocast: {bf16_hvp / unit:.2f}" if bf16_hvp else ""
+    low_hvp = seconds.get(f"one HVP in {low_name} (hvp_dtype's linearization)")
+    bf16_s = f"; in {low_name}: {low_hvp / unit:.2f}" if low_hvp else ""
     print(f"\n- one HVP = {hvp / unit:.2f} grad-eq (torch.func jvp∘grad: "
           f"{seconds['one HVP, torch.func jvp∘grad (oracles.hvp)'] / unit:.2f}{bf16_s}); "
           f"linear-solver work beyond the HVPs: Neumann {(neu - k * hvp) / k * 1e3:.3g} ms/term, "
@@ -974,10 +999,10 @@ def profile_bilevel(case: Case, k: int, args: argparse.Namespace, with_torchopt:
           f"(whole Neumann measured: {seconds[f'whole: implicit_hypergrad Neumann({k})'] / unit:.1f}); "
           f"fixed part {fixed / unit:.1f} grad-eq, HVPs {k * hvp / unit:.1f}")
     cg32 = outputs.get(f"whole: implicit_hypergrad CG({k}), check=False")
-    bf = outputs.get(f"whole: prototype, CG({k}) with bf16-autocast HVPs")
-    if cg32 is not None and bf is not None:
-        print(f"- bf16-HVP CG({k}) vs fp32 CG({k}): relative difference {rel_err(bf, flat(cg32)):.1e} "
-              f"(the accuracy a bf16 inner solve gives up; fp32 refinement steps would recover it)")
+    mixed = outputs.get(f"whole: implicit_hypergrad CG({k}), hvp_dtype={low_name}")
+    if cg32 is not None and mixed is not None:
+        print(f"- CG({k}) with {low_name} products and reliable updates vs CG({k}): relative difference "
+              f"{rel_err(mixed, flat(cg32)):.1e}")
     torchopt_seconds = seconds.get(f"peer: TorchOpt CG({k}), for the ratio")
     if torchopt_seconds is not None:
         whole = min(seconds.get(f"whole: implicit_hypergrad CG({k})", math.inf),
@@ -1046,13 +1071,14 @@ class _FlatLinearization:
 # ----------------------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--problem", choices=["ridge", "mlp", "all"], default="all")
+    p.add_argument("--problem", choices=["ridge", "mlp", "logreg", "all"], default="all")
     p.add_argument("--dims", default="100,300,1000", help="ridge dimensions d (n_train = n_val = 2d)")
     p.add_argument("--hidden", type=int, default=256, help="MLP hidden width H")
     p.add_argument("--n", type=int, default=4096, help="MLP training (and validation) examples N")
     p.add_argument("--k", type=int, default=10, help="Neumann terms / CG iterations / unroll steps")
     p.add_argument("--ks", default="", help="extra K values for the main table, e.g. 50")
-    p.add_argument("--weight-decay", type=float, default=1e-2, help="MLP: e^λ for every weight")
+    p.add_argument("--weight-decay", type=float, default=1e-2, help="MLP and logreg: e^λ for every weight")
+    p.add_argument("--logreg-n", type=int, default=8192, help="logreg (784-10, convex): training (and validation) examples")
     p.add_argument("--train-steps", type=int, default=400, help="MLP: full-batch Adam steps before measuring")
     p.add_argument("--data", choices=["fashion", "random"], default="fashion")
     p.add_argument("--device", default="cpu")
@@ -1109,6 +1135,16 @@ def main(argv: list[str] | None = None) -> None:
         cases.append(case)
         for k in ks:
             rows.append(run_main(case, k, contenders, args))
+    if args.problem in ("logreg", "all"):  # convex: H positive definite, so the MINRES reference is well posed
+        case = make_mlp_case(0, args.logreg_n, weight_decay=args.weight_decay, train_steps=args.train_steps,
+                             data=args.data, dtype=torch.float32, device=device, seed=args.seed,
+                             cache_dir=args.cache_dir or None)
+        mlp_reference(case, maxiter=args.ref_maxiter, rtol=args.ref_rtol, dtype=getattr(torch, args.ref_dtype),
+                      cache_dir=args.cache_dir or None)
+        print(f"[logreg] reference: {case.reference_note}")
+        cases.append(case)
+        for k in ks:
+            rows.append(run_main(case, k, contenders, args))
 
     # memory of the main-table calls, measured after all timings (the pinned malloc slows allocation)
     if mem.ok:
@@ -1132,12 +1168,12 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"\n(equal-accuracy scan skipped for {case.name} {case.label}: no reference; --mlp-reference "
                       "computes one by MINRES, see the module docstring on why it is ill-posed at a trained MLP point)")
                 continue
-            kmax = args.scan_kmax_mlp if case.name == "mlp" else args.scan_kmax_ridge
+            kmax = args.scan_kmax_ridge if case.name == "ridge" else args.scan_kmax_mlp
             equal_accuracy(case, contenders, targets, kmax, args)
 
     if not args.no_profile:  # the MLP (compute-bound) and the smallest ridge (overhead-bound, like a small GPU problem)
         ridges = [c for c in cases if c.name == "ridge"]
-        for case in [c for c in cases if c.name == "mlp"] + ridges[:1]:
+        for case in [c for c in cases if c.name in ("mlp", "logreg")] + ridges[:1]:
             profile_bilevel(case, args.k, args, any(c.label == "TorchOpt CG" for c in contenders))
 
     mem_ks = [int(k) for k in args.memory_ks.split(",") if k]

@@ -19,12 +19,13 @@ import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor
 
 from bilevel import oracles, tree
 from bilevel.linsolve import LinSolveResult, cg
 from bilevel.optim import Optimizer
-from bilevel.problem import Problem
+from bilevel.problem import BilevelError, Problem
 from bilevel.types import Batch, Params
 
 
@@ -60,6 +61,48 @@ class _HessianOperator:
         return self._lin.hvp(v, batched=True)
 
 
+class _LowPrecisionHessian:
+    """w ↦ ∇²_ww L_T w computed in a lower precision (v rounded down, the product cast back up).
+
+    ``precise`` is the working-precision operator: :func:`~bilevel.linsolve.cg` corrects its residual with it
+    (reliable updates); ``neumann`` and ``exact`` use it instead of the cheap product.
+    """
+
+    def __init__(self, low: oracles.Linearization, precise: _HessianOperator, low_dtype: torch.dtype):
+        self._low, self.precise, self._low_dtype = low, precise, low_dtype
+        self.batched = precise.batched
+
+    def __call__(self, v: Params) -> Params:
+        product = self._low.hvp(tree.cast(v, self._low_dtype))
+        return {k: product[k].to(v[k].dtype) for k in v}
+
+
+def _hessian_operator(
+    problem: Problem, outer: Params, inner: Params, batch: Batch, buffers: Params | None, hvp_dtype: torch.dtype | None,
+) -> tuple[oracles.Linearization, _HessianOperator | _LowPrecisionHessian]:
+    """The working-precision linearization and the operator handed to the linear solver."""
+    lin = oracles.Linearization(problem, outer, inner, batch, buffers)
+    working = tree.floating_dtype(inner)
+    if hvp_dtype is None or hvp_dtype == working:
+        return lin, _HessianOperator(lin)
+    if not hvp_dtype.is_floating_point or torch.finfo(hvp_dtype).bits >= torch.finfo(working).bits:
+        raise BilevelError(
+            f"hvp_dtype={hvp_dtype} must be a floating type of lower precision than the inner variables' {working}."
+        )
+    try:
+        low = oracles.Linearization(
+            problem, tree.cast(outer, hvp_dtype), tree.cast(inner, hvp_dtype), tree.cast_batch(batch, hvp_dtype),
+            None if buffers is None else tree.cast(buffers, hvp_dtype),
+        )
+    except RuntimeError as err:
+        raise BilevelError(
+            f"hvp_dtype={hvp_dtype}: the inner loss failed with its variables and data cast to {hvp_dtype} ({err}). "
+            "Data held in other containers than tensors, tuples, lists or dicts is not cast; drop hvp_dtype or "
+            "make the loss cast its inputs."
+        ) from err
+    return lin, _LowPrecisionHessian(low, _HessianOperator(lin), hvp_dtype)
+
+
 def implicit_hypergrad(
     problem: Problem,
     outer: Params,
@@ -70,17 +113,25 @@ def implicit_hypergrad(
     buffers: Params | None = None,
     solve: Callable[..., LinSolveResult] | None = None,
     x0: Params | None = None,
+    hvp_dtype: torch.dtype | None = None,
 ) -> Hypergradient:
     r"""Implicit-function-theorem hypergradient at (λ, w), w assumed (near) optimal for L_T(λ, ·).
 
     ``solve(matvec, b, [x0=...]) -> LinSolveResult`` approximates H⁻¹b; pass ``functools.partial(neumann,
     alpha=..., maxiter=...)``, ``functools.partial(cg, ...)`` or :func:`bilevel.linsolve.exact`. ``x0`` warm-starts
     solvers that accept it (CG). Default: CG with ``maxiter=50``.
+
+    ``hvp_dtype`` (e.g. ``torch.bfloat16`` for a float32 problem, ``torch.float32`` for float64) builds a second
+    linearization of ∇_w L_T in that precision and hands the solver its cheaper Hessian-vector products, with
+    the working-precision ones attached: :func:`~bilevel.linsolve.cg` corrects its residual with them (mixed
+    precision with reliable updates, same accuracy), the other solvers use only the precise ones. The outer
+    gradient and the mixed VJP stay in working precision. Costs one extra gradient in ``hvp_dtype``; pays where
+    low-precision matrix products are fast (tensor cores, AMX) and the solve takes more than a few iterations.
     """
     solve = solve or functools.partial(cg, maxiter=50)
     outer_loss, d_outer, d_inner = oracles.grad_outer(problem, outer, inner, outer_batch, buffers)
-    lin = oracles.Linearization(problem, outer, inner, inner_batch, buffers)
-    result = solve(_HessianOperator(lin), d_inner) if x0 is None else solve(_HessianOperator(lin), d_inner, x0=x0)
+    lin, hessian = _hessian_operator(problem, outer, inner, inner_batch, buffers, hvp_dtype)
+    result = solve(hessian, d_inner) if x0 is None else solve(hessian, d_inner, x0=x0)
     indirect = lin.mixed_vjp(result.x)
     return Hypergradient(
         hypergrad=tree.sub(d_outer, indirect),

@@ -64,7 +64,10 @@ def neumann(
     upper bound on the returned ``x``'s residual whenever the series contracts, obtained without an extra matvec.
     Growth of ‖(I − αA)^i b‖ beyond ``divergence_factor``·‖b‖ (checked once, after the last term) raises
     :class:`NeumannDivergenceError` with a step size that would converge (estimated by power iteration).
+    A cheap product that carries a ``precise`` attribute (mixed precision, see :func:`cg`) is replaced by the
+    precise one: the series has no residual to correct, so it would keep the low precision's error.
     """
+    matvec = getattr(matvec, "precise", None) or matvec
     if alpha <= 0:
         raise BilevelError(f"neumann: alpha must be positive, got {alpha}.")
     if maxiter < 0:
@@ -121,6 +124,8 @@ def cg(
     atol: float = 0.0,
     maxiter: int = 50,
     check: bool = True,
+    precise_matvec: MatVec | None = None,
+    reliable_delta: float = 0.1,
 ) -> LinSolveResult:
     r"""Conjugate gradient for symmetric positive-definite ``A`` (Hestenes & Stiefel, 1952).
 
@@ -134,22 +139,42 @@ def cg(
     (A not PD) raises; with ``check=False`` the loop runs ``maxiter`` plain CG steps with no host synchronisation
     (``vmap``-able), taking negative-curvature steps as standard CG does and skipping only exactly-zero curvature
     (a converged direction).
+
+    Mixed precision: when ``precise_matvec`` is given (or ``matvec.precise`` exists), ``matvec`` is taken as a
+    cheap, inexact product (e.g. Hessian-vector products in bfloat16) and ``precise_matvec`` as the exact one. The
+    iteration runs on the cheap products; whenever the recursive residual has fallen by ``reliable_delta`` since
+    the last correction, or meets the tolerance, it is replaced by the true residual r = b − A x from one precise
+    product ("reliable updates": Sleijpen & van der Vorst, 1996, Computing 56; in mixed precision as in Clark et al.,
+    2010, "Solving lattice QCD systems of equations using mixed precision solvers on GPUs", CPC 181). The drift
+    between recursive and true residual is then reset before it can matter, so the answer reaches the working
+    precision's accuracy while most products are cheap; the stopping test is made on a true residual. Costs
+    ``maxiter`` cheap products plus about log(‖b‖/‖r‖)/log(1/reliable_delta) precise ones; needs ``check=True``.
     """
     if maxiter < 0:
         raise BilevelError(f"cg: maxiter must be >= 0, got {maxiter}.")
+    precise = precise_matvec if precise_matvec is not None else getattr(matvec, "precise", None)
+    if precise is not None:
+        if not check:
+            raise BilevelError(
+                "cg: mixed precision (a precise_matvec next to the cheap matvec) needs check=True: the reliable "
+                "updates decide on the host when to correct the residual. Use full-precision products under vmap."
+            )
+        if not 0.0 < reliable_delta < 1.0:
+            raise BilevelError(f"cg: reliable_delta must be in (0, 1), got {reliable_delta}.")
     iterations = 0
     if x0 is None:
         x = tree.zeros_like(b)
         r = b
     else:
         x = x0
-        r = tree.sub(b, matvec(x0))
+        r = tree.sub(b, (precise or matvec)(x0))
         iterations += 1
     p = r
     rs = tree.sq_norm(r)
     b_norm = tree.norm(b)
     if check:
-        return _cg_checked(matvec, x, r, p, float(rs), float(b_norm), rtol, atol, maxiter, iterations)
+        reliable = None if precise is None else _ReliableUpdate(precise, b, reliable_delta, float(rs))
+        return _cg_checked(matvec, x, r, p, float(rs), float(b_norm), rtol, atol, maxiter, iterations, reliable)
     tiny = torch.finfo(rs.dtype).tiny
     for _ in range(maxiter):
         ap = matvec(p)
@@ -166,9 +191,26 @@ def cg(
     return LinSolveResult(x=x, iterations=iterations, residual=residual)
 
 
+class _ReliableUpdate:
+    """Residual replacement for mixed-precision CG: r ← b − A x by a precise product once ‖r‖² has fallen by
+    δ² since the last replacement (or below the stopping threshold)."""
+
+    def __init__(self, precise: MatVec, b: Params, delta: float, rs: float):
+        self.precise, self.b, self.delta_sq, self.rs_at_last = precise, b, delta * delta, rs
+
+    def due(self, rs: float, threshold: float) -> bool:
+        return rs <= self.delta_sq * self.rs_at_last or rs <= threshold
+
+    def replace(self, x: Params) -> tuple[Params, float]:
+        r = tree.sub(self.b, self.precise(x))
+        rs = float(tree.sq_norm(r))
+        self.rs_at_last = rs
+        return r, rs
+
+
 def _cg_checked(
     matvec: MatVec, x: Params, r: Params, p: Params, rs: float, b_norm: float,
-    rtol: float, atol: float, maxiter: int, iterations: int,
+    rtol: float, atol: float, maxiter: int, iterations: int, reliable: _ReliableUpdate | None = None,
 ) -> LinSolveResult:
     """CG with convergence and curvature checks: the scalars live on the host (one sync per iteration, as the
     checks need anyway), so each iteration launches only the matvec and five vector kernels."""
@@ -194,6 +236,9 @@ def _cg_checked(
         x = tree.axpy(step, p, x)
         r = tree.axpy(-step, ap, r)
         rs_new = float(tree.sq_norm(r))
+        if reliable is not None and reliable.due(rs_new, threshold):
+            r, rs_new = reliable.replace(x)
+            iterations += 1
         p = tree.axpy(rs_new / rs if rs > 0 else 0.0, p, r)
         rs = rs_new
     dtype = next(iter(x.values())).dtype if x else torch.get_default_dtype()

@@ -6,6 +6,8 @@ avoided on purpose: they do not compose with ``vmap``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -95,3 +97,25 @@ def unflatten_batched(flat: Tensor, like: Params) -> Params:
         out[k] = flat[:, offset : offset + n].reshape(flat.shape[0], *v.shape)
         offset += n
     return out
+
+
+def floating_dtype(a: Params) -> torch.dtype:
+    """The dtype of the first floating-point entry (the working precision), or torch's default."""
+    return next((v.dtype for v in a.values() if v.is_floating_point()), torch.get_default_dtype())
+
+
+def cast(a: Params, dtype: torch.dtype) -> Params:
+    """Floating-point entries converted to ``dtype`` (others unchanged)."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in a.items()}
+
+
+def cast_batch(batch: Any, dtype: torch.dtype) -> Any:
+    """A data batch (tensor, or tuples / lists / dicts of them) with its floating-point tensors in ``dtype``."""
+    if isinstance(batch, Tensor):
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: cast_batch(v, dtype) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        items = [cast_batch(v, dtype) for v in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    return batch

@@ -143,9 +143,11 @@ def ridge_case():
     return bench, bench.make_ridge_case(12, dtype=torch.float64, device=torch.device("cpu"), seed=0)
 
 
-def test_bilevel_cg_reaches_closed_form(ridge_case):
+@pytest.mark.parametrize("runner", ["bilevel_cg", "bilevel_cg_mixed"])
+def test_bilevel_cg_reaches_closed_form(ridge_case, runner):
+    """Both CG contenders, the mixed one with float32 products on this float64 ridge (reliable updates)."""
     bench, case = ridge_case
-    out = bench.flat(bench.bilevel_cg(case, 40)())
+    out = bench.flat(getattr(bench, runner)(case, 40)())
     torch.testing.assert_close(out, case.reference, rtol=1e-8, atol=1e-12)
 
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from typing import Any, Literal
+
+import torch
 
 from bilevel import tree
 from bilevel.data import DataStreams
@@ -27,6 +30,7 @@ from bilevel.solvers.common import make_inner_optimizer, outer_update, require_n
 from bilevel.types import Params
 
 LinSolveName = Literal["neumann", "cg", "exact"]
+HvpDtype = Literal["bfloat16", "float16", "float32"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +58,9 @@ class IFT:
 
     Cost per outer step: ``inner_steps`` gradients + about ``2 + k`` gradient-equivalents for the hypergradient
     (k = ``neumann_terms`` or the CG iterations). ``neumann_alpha`` defaults to ``inner_lr`` (the series then
-    equals unrolling k SGD steps from the optimum) and must be below 2/λ_max(H).
+    equals unrolling k SGD steps from the optimum) and must be below 2/λ_max(H). ``hvp_dtype`` (CG only, e.g.
+    "bfloat16" for a float32 problem) runs CG's Hessian-vector products in a lower precision with reliable
+    residual updates in the working one (see :func:`bilevel.implicit_hypergrad`).
     """
 
     inner_steps: int = 10
@@ -69,6 +75,7 @@ class IFT:
     cg_maxiter: int = 20
     cg_rtol: float = 1e-6
     warm_start: bool = True
+    hvp_dtype: HvpDtype | None = None
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -79,6 +86,13 @@ class IFT:
             require_positive(owner, neumann_alpha=self.neumann_alpha)
         if self.linsolve not in ("neumann", "cg", "exact"):
             raise BilevelError(f"{owner}: linsolve must be 'neumann', 'cg' or 'exact', got {self.linsolve!r}.")
+        if self.hvp_dtype is not None:
+            if self.hvp_dtype not in typing.get_args(HvpDtype):
+                raise BilevelError(f"{owner}: hvp_dtype must be one of {typing.get_args(HvpDtype)} or None, "
+                                   f"got {self.hvp_dtype!r}.")
+            if self.linsolve != "cg":
+                raise BilevelError(f"{owner}: hvp_dtype (mixed-precision Hessian-vector products) needs linsolve='cg' "
+                                   f"(its reliable updates keep the accuracy); got linsolve={self.linsolve!r}.")
 
     # ----- pieces -------------------------------------------------------------------------------------------
     def _optimizers(self) -> tuple[Optimizer, Optimizer]:
@@ -104,6 +118,7 @@ class IFT:
         return implicit_hypergrad(
             problem, outer, inner, inner_batch=data.inner(), outer_batch=data.outer(),
             buffers=buffers, solve=self.linear_solver(), x0=use_x0,
+            hvp_dtype=None if self.hvp_dtype is None else getattr(torch, self.hvp_dtype),
         )
 
     # ----- protocol -----------------------------------------------------------------------------------------
