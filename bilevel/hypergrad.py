@@ -124,9 +124,12 @@ def implicit_hypergrad(
     ``hvp_dtype`` (e.g. ``torch.bfloat16`` for a float32 problem, ``torch.float32`` for float64) builds a second
     linearization of ∇_w L_T in that precision and hands the solver its cheaper Hessian-vector products, with
     the working-precision ones attached: :func:`~bilevel.linsolve.cg` corrects its residual with them (mixed
-    precision with reliable updates, same accuracy), the other solvers use only the precise ones. The outer
-    gradient and the mixed VJP stay in working precision. Costs one extra gradient in ``hvp_dtype``; pays where
-    low-precision matrix products are fast (tensor cores, AMX) and the solve takes more than a few iterations.
+    precision with reliable updates), the other solvers use only the precise ones. The outer gradient and the
+    mixed VJP stay in working precision. A converged solve reaches the working precision's accuracy; a truncated
+    one (few iterations, residual never down tenfold) is plain low-precision CG and can move by about κ(H)·u
+    (measured: 2e-8 for float32 products in a float64 ridge, 20% for bfloat16 on an ill-conditioned MLP at 10
+    iterations). Costs one extra gradient in ``hvp_dtype``; pays where low-precision matrix products are fast
+    (tensor cores, AMX) and dominate the hypergradient.
     """
     solve = solve or functools.partial(cg, maxiter=50)
     outer_loss, d_outer, d_inner = oracles.grad_outer(problem, outer, inner, outer_batch, buffers)

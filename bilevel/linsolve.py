@@ -146,8 +146,9 @@ def cg(
     the last correction, or meets the tolerance, it is replaced by the true residual r = b − A x from one precise
     product ("reliable updates": Sleijpen & van der Vorst, 1996, Computing 56; in mixed precision as in Clark et al.,
     2010, "Solving lattice QCD systems of equations using mixed precision solvers on GPUs", CPC 181). The drift
-    between recursive and true residual is then reset before it can matter, so the answer reaches the working
-    precision's accuracy while most products are cheap; the stopping test is made on a true residual. Costs
+    between recursive and true residual is then reset before it can matter, so a converged answer reaches the
+    working precision's accuracy while most products are cheap; the stopping test is made on a true residual.
+    Convergence follows the cheap operator, slower where κ(A)·u_cheap is not small. Costs
     ``maxiter`` cheap products plus about log(‖b‖/‖r‖)/log(1/reliable_delta) precise ones; needs ``check=True``.
     """
     if maxiter < 0:
