@@ -1124,24 +1124,19 @@ def main(argv: list[str] | None = None) -> None:
             cases.append(case)
             for k in ks:
                 rows.append(run_main(case, k, contenders, args))
-    if args.problem in ("mlp", "all"):
-        case = make_mlp_case(args.hidden, args.n, weight_decay=args.weight_decay, train_steps=args.train_steps,
+    # classifiers: name -> (hidden width, N, reference?); logreg is convex (H positive definite), so its MINRES
+    # reference is well posed and always computed; the MLP's only on request (see the module docstring)
+    classifiers = {"mlp": (args.hidden, args.n, args.mlp_reference), "logreg": (0, args.logreg_n, True)}
+    for name, (hidden, n, with_reference) in classifiers.items():
+        if args.problem not in (name, "all"):
+            continue
+        case = make_mlp_case(hidden, n, weight_decay=args.weight_decay, train_steps=args.train_steps,
                              data=args.data, dtype=torch.float32, device=device, seed=args.seed,
                              cache_dir=args.cache_dir or None)
-        if args.mlp_reference:
+        if with_reference:
             mlp_reference(case, maxiter=args.ref_maxiter, rtol=args.ref_rtol, dtype=getattr(torch, args.ref_dtype),
                           cache_dir=args.cache_dir or None)
-            print(f"[mlp] reference: {case.reference_note}")
-        cases.append(case)
-        for k in ks:
-            rows.append(run_main(case, k, contenders, args))
-    if args.problem in ("logreg", "all"):  # convex: H positive definite, so the MINRES reference is well posed
-        case = make_mlp_case(0, args.logreg_n, weight_decay=args.weight_decay, train_steps=args.train_steps,
-                             data=args.data, dtype=torch.float32, device=device, seed=args.seed,
-                             cache_dir=args.cache_dir or None)
-        mlp_reference(case, maxiter=args.ref_maxiter, rtol=args.ref_rtol, dtype=getattr(torch, args.ref_dtype),
-                      cache_dir=args.cache_dir or None)
-        print(f"[logreg] reference: {case.reference_note}")
+            print(f"[{name}] reference: {case.reference_note}")
         cases.append(case)
         for k in ks:
             rows.append(run_main(case, k, contenders, args))

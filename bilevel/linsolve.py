@@ -242,7 +242,7 @@ def _cg_checked(
             iterations += 1
         p = tree.axpy(rs_new / rs if rs > 0 else 0.0, p, r)
         rs = rs_new
-    dtype = next(iter(x.values())).dtype if x else torch.get_default_dtype()
+    dtype = tree.floating_dtype(x)
     residual = torch.tensor(math.sqrt(rs) / max(b_norm, 1e-300), dtype=dtype)
     return LinSolveResult(x=x, iterations=iterations, residual=residual)
 

@@ -52,9 +52,10 @@ class AlwaysPrune(optuna.pruners.BasePruner):
 
 
 # ----- pruning ---------------------------------------------------------------------------------------------------
-def test_pruning_callback_reports_and_raises_with_always_prune(ridge):
+def one_reporting_trial(ridge, pruner: optuna.pruners.BasePruner) -> optuna.trial.FrozenTrial:
+    """One trial of 10 ``cg`` steps on the ridge, reporting through ``OptunaPruning(report_every=3)``."""
     train, val = ridge
-    study = optuna.create_study(pruner=AlwaysPrune())
+    study = optuna.create_study(pruner=pruner)
 
     def objective(trial):
         result = bilevel.solve(ridge_problem(train, val), "cg", maxiter=10, seed=0,
@@ -62,7 +63,12 @@ def test_pruning_callback_reports_and_raises_with_always_prune(ridge):
         return result.outer_loss()
 
     study.optimize(objective, n_trials=1)
-    trial = study.trials[0]
+    return study.trials[0]
+
+
+def test_pruning_callback_reports_and_raises_with_always_prune(ridge):
+    train, val = ridge
+    trial = one_reporting_trial(ridge, AlwaysPrune())
     assert trial.state == TrialState.PRUNED
     ref = reference(train, val, **STABLE)
     # first report at step 2 (report_every=3), pruned right there: exactly one intermediate value.
@@ -72,15 +78,7 @@ def test_pruning_callback_reports_and_raises_with_always_prune(ridge):
 
 def test_pruning_callback_without_pruning_reports_every_k_steps(ridge):
     train, val = ridge
-    study = optuna.create_study(pruner=optuna.pruners.NopPruner())
-
-    def objective(trial):
-        result = bilevel.solve(ridge_problem(train, val), "cg", maxiter=10, seed=0,
-                               callbacks=[OptunaPruning(trial, report_every=3)], **STABLE)
-        return result.outer_loss()
-
-    study.optimize(objective, n_trials=1)
-    trial = study.trials[0]
+    trial = one_reporting_trial(ridge, optuna.pruners.NopPruner())
     ref = reference(train, val, **STABLE)
     assert trial.state == TrialState.COMPLETE
     assert sorted(trial.intermediate_values) == [2, 5, 8]
