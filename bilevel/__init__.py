@@ -10,6 +10,7 @@ from bilevel.functional import ModuleView
 from bilevel.history import History
 from bilevel.hypergrad import Hypergradient, implicit_hypergrad, unrolled_hypergrad
 from bilevel.linsolve import LinSolveResult, NeumannDivergenceError, cg, exact, neumann
+from bilevel.precondition import LBFGSPreconditioner, lbfgs_preconditioner, recycle_pairs
 from bilevel.problem import BilevelError, Problem
 from bilevel.registry import available_methods, register, solver_options
 from bilevel.solve import Result, solve
@@ -22,6 +23,7 @@ __all__ = [
     "History",
     "HypergradCheck",
     "Hypergradient",
+    "LBFGSPreconditioner",
     "LinSolveResult",
     "ModuleView",
     "NeumannDivergenceError",
@@ -34,8 +36,10 @@ __all__ = [
     "check_hypergradient",
     "exact",
     "implicit_hypergrad",
+    "lbfgs_preconditioner",
     "neumann",
     "problems",
+    "recycle_pairs",
     "register",
     "solve",
     "solver_options",

@@ -28,11 +28,13 @@ class LinSolveResult:
         x: the solution estimate.
         iterations: matrix-vector products spent.
         residual: ‖b − A x‖ / ‖b‖ (see each solver for how it is obtained; a 0-d tensor).
+        pairs: curvature pairs (p, A p) met on the way (``cg(..., record_pairs=m)``; empty otherwise).
     """
 
     x: Params
     iterations: int
     residual: Tensor
+    pairs: tuple[tuple[Params, Params], ...] = ()
 
 
 LinearSolver = Callable[..., LinSolveResult]
@@ -124,21 +126,29 @@ def cg(
     atol: float = 0.0,
     maxiter: int = 50,
     check: bool = True,
+    preconditioner: MatVec | None = None,
+    record_pairs: int = 0,
     precise_matvec: MatVec | None = None,
     reliable_delta: float = 0.1,
 ) -> LinSolveResult:
-    r"""Conjugate gradient for symmetric positive-definite ``A`` (Hestenes & Stiefel, 1952).
+    r"""Preconditioned conjugate gradient for symmetric positive-definite ``A`` (Hestenes & Stiefel, 1952), with
+    ``M`` = ``preconditioner`` ≈ A⁻¹ (SPD; identity when None):
 
     .. math::
-        r_0 = b - A x_0,\ p_0 = r_0;\quad \alpha_k = \frac{r_k^\top r_k}{p_k^\top A p_k},\
-        x_{k+1} = x_k + \alpha_k p_k,\ r_{k+1} = r_k - \alpha_k A p_k,\
-        p_{k+1} = r_{k+1} + \frac{r_{k+1}^\top r_{k+1}}{r_k^\top r_k} p_k.
+        r_0 = b - A x_0,\ z_0 = M r_0,\ p_0 = z_0;\quad \alpha_k = \frac{r_k^\top z_k}{p_k^\top A p_k},\
+        x_{k+1} = x_k + \alpha_k p_k,\ r_{k+1} = r_k - \alpha_k A p_k,\ z_{k+1} = M r_{k+1},\
+        p_{k+1} = z_{k+1} + \frac{r_{k+1}^\top z_{k+1}}{r_k^\top z_k} p_k.
 
     Stops when ‖r‖ ≤ max(rtol·‖b‖, atol) or after ``maxiter`` matvecs (one more when ``x0`` is given).
-    ``residual`` is the recursively updated ‖r‖/‖b‖. With ``check=True``, non-positive curvature pᵀAp ≤ 0
-    (A not PD) raises; with ``check=False`` the loop runs ``maxiter`` plain CG steps with no host synchronisation
+    ``residual`` is the recursively updated ‖r‖/‖b‖ (the unpreconditioned residual, so ``rtol`` means the same
+    with and without ``M``). With ``check=True``, non-positive curvature pᵀAp ≤ 0 (A not PD) raises; with
+    ``check=False`` the loop runs ``maxiter`` plain CG steps with no host synchronisation
     (``vmap``-able), taking negative-curvature steps as standard CG does and skipping only exactly-zero curvature
     (a converged direction).
+
+    ``record_pairs=m`` keeps the first m curvature pairs (p_k, A p_k) in ``LinSolveResult.pairs`` (needs
+    ``check=True``, which guarantees pᵀAp > 0): :func:`bilevel.precondition.lbfgs_preconditioner` turns them into
+    a preconditioner for the next, similar system at no extra matvec (Morales & Nocedal, 2000).
 
     Mixed precision: when ``precise_matvec`` is given (or ``matvec.precise`` exists), ``matvec`` is taken as a
     cheap, inexact product (e.g. Hessian-vector products in bfloat16) and ``precise_matvec`` as the exact one. The
@@ -162,6 +172,13 @@ def cg(
             )
         if not 0.0 < reliable_delta < 1.0:
             raise BilevelError(f"cg: reliable_delta must be in (0, 1), got {reliable_delta}.")
+    if record_pairs < 0:
+        raise BilevelError(f"cg: record_pairs must be >= 0, got {record_pairs}.")
+    if record_pairs and not check:
+        raise BilevelError(
+            "cg: record_pairs needs check=True: only checked CG guarantees the positive curvature pᵀAp > 0 that a "
+            "preconditioner built from the pairs needs."
+        )
     iterations = 0
     if x0 is None:
         x = tree.zeros_like(b)
@@ -170,25 +187,29 @@ def cg(
         x = x0
         r = tree.sub(b, (precise or matvec)(x0))
         iterations += 1
-    p = r
-    rs = tree.sq_norm(r)
     b_norm = tree.norm(b)
     if check:
-        reliable = None if precise is None else _ReliableUpdate(precise, b, reliable_delta, float(rs))
-        return _cg_checked(matvec, x, r, p, float(rs), float(b_norm), rtol, atol, maxiter, iterations, reliable)
-    tiny = torch.finfo(rs.dtype).tiny
+        rs = float(tree.sq_norm(r))
+        reliable = None if precise is None else _ReliableUpdate(precise, b, reliable_delta, rs)
+        return _cg_checked(matvec, x, r, rs, float(b_norm), rtol, atol, maxiter, iterations, reliable,
+                           preconditioner, record_pairs)
+    z = r if preconditioner is None else preconditioner(r)
+    p = z
+    rz = tree.dot(r, z)
+    tiny = torch.finfo(rz.dtype).tiny
     for _ in range(maxiter):
         ap = matvec(p)
         iterations += 1
         curvature = tree.dot(p, ap)
         nonzero = curvature != 0
-        step = torch.where(nonzero, rs / torch.where(nonzero, curvature, torch.ones_like(curvature)), torch.zeros_like(rs))
+        step = torch.where(nonzero, rz / torch.where(nonzero, curvature, torch.ones_like(curvature)), torch.zeros_like(rz))
         x = tree.axpy(step, p, x)
         r = tree.axpy(-step, ap, r)
-        rs_new = tree.sq_norm(r)
-        p = tree.axpy(rs_new / rs.clamp_min(tiny), p, r)
-        rs = rs_new
-    residual = rs.sqrt() / b_norm.clamp_min(tiny)
+        z = r if preconditioner is None else preconditioner(r)
+        rz_new = tree.dot(r, z)
+        p = tree.axpy(rz_new / rz.clamp_min(tiny), p, z)
+        rz = rz_new
+    residual = tree.norm(r) / b_norm.clamp_min(tiny)
     return LinSolveResult(x=x, iterations=iterations, residual=residual)
 
 
@@ -210,12 +231,15 @@ class _ReliableUpdate:
 
 
 def _cg_checked(
-    matvec: MatVec, x: Params, r: Params, p: Params, rs: float, b_norm: float,
-    rtol: float, atol: float, maxiter: int, iterations: int, reliable: _ReliableUpdate | None = None,
+    matvec: MatVec, x: Params, r: Params, rs: float, b_norm: float, rtol: float, atol: float, maxiter: int,
+    iterations: int, reliable: _ReliableUpdate | None, preconditioner: MatVec | None, record_pairs: int,
 ) -> LinSolveResult:
     """CG with convergence and curvature checks: the scalars live on the host (one sync per iteration, as the
-    checks need anyway), so each iteration launches only the matvec and five vector kernels."""
+    checks need anyway), so each iteration launches only the matvec, the preconditioner and a few vector kernels."""
     threshold = max(rtol * b_norm, atol) ** 2
+    z, rs, rz = _precondition(preconditioner, r)
+    p = z
+    pairs: list[tuple[Params, Params]] = []
     for _ in range(maxiter):
         if rs <= threshold:
             break
@@ -233,18 +257,43 @@ def _cg_checked(
                 "not positive definite here. Add inner regularisation, run more inner steps, or use method='ift' "
                 "(truncated Neumann stays bounded on indefinite Hessians)."
             )
-        step = rs / curvature
+        if len(pairs) < record_pairs:
+            pairs.append((p, ap))
+        step = rz / curvature
         x = tree.axpy(step, p, x)
         r = tree.axpy(-step, ap, r)
-        rs_new = float(tree.sq_norm(r))
-        if reliable is not None and reliable.due(rs_new, threshold):
-            r, rs_new = reliable.replace(x)
+        z, rs, rz_new = _precondition(preconditioner, r)
+        if reliable is not None and reliable.due(rs, threshold):
+            r, rs = reliable.replace(x)
             iterations += 1
-        p = tree.axpy(rs_new / rs if rs > 0 else 0.0, p, r)
-        rs = rs_new
+            z, rs, rz_new = _precondition(preconditioner, r)
+        p = tree.axpy(rz_new / rz if rz > 0 else 0.0, p, z)
+        rz = rz_new
     dtype = tree.floating_dtype(x)
     residual = torch.tensor(math.sqrt(rs) / max(b_norm, 1e-300), dtype=dtype)
-    return LinSolveResult(x=x, iterations=iterations, residual=residual)
+    return LinSolveResult(x=x, iterations=iterations, residual=residual, pairs=tuple(pairs))
+
+
+def _precondition(preconditioner: MatVec | None, r: Params) -> tuple[Params, float, float]:
+    """(z = M r, ‖r‖², rᵀz) with one host synchronisation, checking that M is positive definite along r;
+    (r, ‖r‖², ‖r‖²) without M."""
+    if preconditioner is None:
+        rs = rz = float(tree.sq_norm(r))
+        z = r
+    else:
+        z = preconditioner(r)
+        rs, rz = torch.stack([tree.sq_norm(r), tree.dot(r, z)]).tolist()
+    if not (math.isfinite(rs) and math.isfinite(rz)):
+        raise BilevelError(
+            f"cg: the residual is not finite (‖r‖²={rs:.3g}, rᵀMr={rz:.3g}): the inner variables or the inner loss "
+            "hold NaN/inf (diverged inner steps?); lower inner_lr or check the data."
+        )
+    if not (rz > 0 or rs == 0.0):
+        raise BilevelError(
+            f"cg: the preconditioner is not positive definite (rᵀMr={rz:.3g} for ‖r‖²={rs:.3g}); M must approximate "
+            "A⁻¹ by a symmetric positive-definite map."
+        )
+    return z, rs, rz
 
 
 def exact(

@@ -73,7 +73,9 @@ def size(a: Params) -> int:
 
 
 def flatten(a: Params) -> Tensor:
-    """Concatenate all entries (in key order) into one 1-D tensor."""
+    """Concatenate all entries (in key order) into one 1-D tensor (a view, not a copy, for a single entry)."""
+    if len(a) == 1:
+        return next(iter(a.values())).reshape(-1)
     return torch.cat([v.reshape(-1) for v in a.values()])
 
 

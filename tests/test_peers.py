@@ -169,3 +169,44 @@ def test_cg_matches_torchopt(ridge_case):
     ours = bench.flat(bench.bilevel_cg(case, 4)())
     theirs = bench.flat(bench.torchopt_cg(case, 4)())
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
+# ----- the trajectory benchmark (benchmarks/hypergrad_trajectory.py) on a small ridge -----------------------------------
+@pytest.fixture(scope="module")
+def trajectory():
+    _bench()  # registers hypergrad_peers, which the trajectory script imports
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "hypergrad_trajectory.py"
+    spec = importlib.util.spec_from_file_location("hypergrad_trajectory", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("hypergrad_trajectory", module)
+    spec.loader.exec_module(module)
+    return module, module.ridge_trajectory(12, steps=3, lr=0.05, seed=0)
+
+
+def test_trajectory_points_and_smallest_k(trajectory):
+    """The points move (λ changes along the run) and carry their closed-form reference; ``smallest_k`` returns a K
+    that meets the target while K − 1 does not, from a guess above and from one below."""
+    bench, points = trajectory
+    lams = [p.case.lam["w"].detach() for p in points]
+    assert float((lams[1] - lams[0]).norm()) > 0
+    case = points[1].case
+    make = bench.CONTENDERS["bilevel CG cold"]
+    for guess in (1, 12):
+        k, err, _ = bench.smallest_k(make, case, {}, guess, 1e-3, 50)
+        assert err <= 1e-3 < bench.peers.rel_err(make(case, k - 1, {})()[0], case.reference)
+
+
+def test_trajectory_warm_contenders_compute_the_same_numbers(trajectory):
+    """TorchOpt warm-started by hand and bilevel's warm CG run the same algorithm from the same start: equal to 1e-9
+    at equal K, so the benchmark's K columns compare like with like. The preconditioned contender carries pairs."""
+    pytest.importorskip("torchopt")
+    bench, points = trajectory
+    first, second = points[0].case, points[1].case
+    _, carried = bench.CONTENDERS["bilevel CG warm"](first, 3, {})()
+    ours = bench.peers.flat(bench.CONTENDERS["bilevel CG warm"](second, 3, carried)()[0])
+    # the same start in TorchOpt's layout (a tuple) and sign (custom_root's linear system has the solution −H⁻¹∂_w L_V)
+    as_torchopt = {"x": tuple(-carried["x"][second.bl_key[n]] for n in second.names)}
+    theirs = bench.peers.flat(bench.CONTENDERS["TorchOpt CG warm (by hand)"](second, 3, as_torchopt)()[0])
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+    _, kept = bench.CONTENDERS["bilevel CG warm + L-BFGS"](first, 3, {})()
+    assert len(kept["pairs"]) == 3

@@ -24,6 +24,7 @@ from bilevel.data import DataStreams
 from bilevel.hypergrad import Hypergradient, implicit_hypergrad
 from bilevel.linsolve import cg, exact, neumann
 from bilevel.optim import Optimizer, make_optimizer
+from bilevel.precondition import lbfgs_preconditioner, recycle_pairs
 from bilevel.problem import BilevelError, Problem
 from bilevel.registry import register
 from bilevel.solvers.common import make_inner_optimizer, outer_update, require_nonnegative_int, require_positive, train_inner
@@ -31,6 +32,7 @@ from bilevel.types import Params
 
 LinSolveName = Literal["neumann", "cg", "exact"]
 HvpDtype = Literal["bfloat16", "float16", "float32"]
+PreconditionerName = Literal["lbfgs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,7 @@ class ImplicitState:
         outer, inner, buffers: current λ, w and module buffers.
         inner_opt, outer_opt: optimizer states.
         v: last inverse-HVP solution H⁻¹∂_w L_V (warm start for CG), or None.
+        pairs: the latest curvature pairs (p, Hp) of the CG solves (recycled into the preconditioner), or ().
     """
 
     outer: Params
@@ -49,6 +52,7 @@ class ImplicitState:
     inner_opt: Any
     outer_opt: Any
     v: Params | None = None
+    pairs: tuple[tuple[Params, Params], ...] = ()
 
 
 @register("ift")
@@ -60,7 +64,11 @@ class IFT:
     (k = ``neumann_terms`` or the CG iterations). ``neumann_alpha`` defaults to ``inner_lr`` (the series then
     equals unrolling k SGD steps from the optimum) and must be below 2/λ_max(H). ``hvp_dtype`` (CG only, e.g.
     "bfloat16" for a float32 problem) runs CG's Hessian-vector products in a lower precision with reliable
-    residual updates in the working one (see :func:`bilevel.implicit_hypergrad`).
+    residual updates in the working one (see :func:`bilevel.implicit_hypergrad`). ``cg_preconditioner="lbfgs"``
+    preconditions each CG solve with the L-BFGS matrix of the latest ``cg_preconditioner_memory`` curvature pairs
+    the previous solves met (Morales & Nocedal, 2000; :mod:`bilevel.precondition`): no extra Hessian-vector
+    products, 2·memory extra vectors of memory, and with the warm start it takes most of the work off the solve
+    when the Hessian moves slowly between outer steps.
     """
 
     inner_steps: int = 10
@@ -76,6 +84,8 @@ class IFT:
     cg_rtol: float = 1e-6
     warm_start: bool = True
     hvp_dtype: HvpDtype | None = None
+    cg_preconditioner: PreconditionerName | None = None
+    cg_preconditioner_memory: int = 10
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
@@ -93,6 +103,15 @@ class IFT:
             if self.linsolve != "cg":
                 raise BilevelError(f"{owner}: hvp_dtype (mixed-precision Hessian-vector products) needs linsolve='cg' "
                                    f"(its reliable updates keep the accuracy); got linsolve={self.linsolve!r}.")
+        if self.cg_preconditioner is not None:
+            if self.cg_preconditioner not in typing.get_args(PreconditionerName):
+                raise BilevelError(f"{owner}: cg_preconditioner must be one of "
+                                   f"{typing.get_args(PreconditionerName)} or None, got {self.cg_preconditioner!r}.")
+            if self.linsolve != "cg":
+                raise BilevelError(f"{owner}: cg_preconditioner needs linsolve='cg', got linsolve={self.linsolve!r}.")
+        if not (isinstance(self.cg_preconditioner_memory, int) and self.cg_preconditioner_memory >= 1):
+            raise BilevelError(f"{owner}: cg_preconditioner_memory must be an int >= 1, "
+                               f"got {self.cg_preconditioner_memory!r}.")
 
     # ----- pieces -------------------------------------------------------------------------------------------
     def _optimizers(self) -> tuple[Optimizer, Optimizer]:
@@ -100,24 +119,30 @@ class IFT:
         inner = make_inner_optimizer(self.inner_optimizer, self.inner_lr, self.inner_momentum)
         return inner, make_optimizer(self.outer_optimizer, self.outer_lr)
 
-    def linear_solver(self) -> Any:
-        """The configured ``solve(matvec, b, [x0]) -> LinSolveResult``."""
+    def linear_solver(self, pairs: tuple[tuple[Params, Params], ...] = ()) -> Any:
+        """The configured ``solve(matvec, b, [x0]) -> LinSolveResult``; ``pairs``: the previous CG solve's
+        curvature pairs, for the recycled preconditioner."""
         if self.linsolve == "neumann":
             alpha = self.inner_lr if self.neumann_alpha is None else self.neumann_alpha
             return functools.partial(neumann, alpha=alpha, maxiter=self.neumann_terms)
         if self.linsolve == "cg":
-            return functools.partial(cg, maxiter=self.cg_maxiter, rtol=self.cg_rtol)
+            if self.cg_preconditioner is None:
+                return functools.partial(cg, maxiter=self.cg_maxiter, rtol=self.cg_rtol)
+            memory = self.cg_preconditioner_memory
+            return functools.partial(cg, maxiter=self.cg_maxiter, rtol=self.cg_rtol, record_pairs=memory,
+                                     preconditioner=lbfgs_preconditioner(pairs, memory=memory))
         return exact
 
     def hypergradient(
         self, problem: Problem, outer: Params, inner: Params, data: DataStreams,
-        buffers: Params | None = None, x0: Params | None = None,
+        buffers: Params | None = None, x0: Params | None = None, pairs: tuple[tuple[Params, Params], ...] = (),
     ) -> Hypergradient:
-        """dF/dλ at (λ, w) by the implicit rule with this solver's linear solver."""
+        """dF/dλ at (λ, w) by the implicit rule with this solver's linear solver (``x0``, ``pairs``: the previous
+        solve's solution and curvature pairs, used when warm starts / the preconditioner are on)."""
         use_x0 = x0 if (self.linsolve == "cg" and self.warm_start) else None
         return implicit_hypergrad(
             problem, outer, inner, inner_batch=data.inner(), outer_batch=data.outer(),
-            buffers=buffers, solve=self.linear_solver(), x0=use_x0,
+            buffers=buffers, solve=self.linear_solver(pairs), x0=use_x0,
             hvp_dtype=None if self.hvp_dtype is None else getattr(torch, self.hvp_dtype),
         )
 
@@ -133,7 +158,7 @@ class IFT:
         inner, buffers, inner_state, inner_loss = train_inner(
             problem, state.outer, state.inner, state.buffers, inner_opt, state.inner_opt, data, self.inner_steps
         )
-        hg = self.hypergradient(problem, state.outer, inner, data, buffers, x0=state.v)
+        hg = self.hypergradient(problem, state.outer, inner, data, buffers, x0=state.v, pairs=state.pairs)
         outer, outer_state = outer_update(problem, state.outer, hg.hypergrad, outer_opt, state.outer_opt)
         metrics = {
             "outer_loss": hg.outer_loss,
@@ -143,16 +168,20 @@ class IFT:
         }
         if inner_loss is not None:
             metrics["inner_loss"] = inner_loss
-        new_state = ImplicitState(outer, inner, buffers, inner_state, outer_state, v=hg.linsolve.x)
+        pairs = recycle_pairs(state.pairs, hg.linsolve.pairs, memory=self.cg_preconditioner_memory)
+        new_state = ImplicitState(outer, inner, buffers, inner_state, outer_state, v=hg.linsolve.x, pairs=pairs)
         return new_state, metrics
 
 
 @register("cg")
 @dataclasses.dataclass(frozen=True)
 class CG(IFT):
-    """:class:`IFT` with conjugate gradient for H⁻¹ (wants a positive-definite inner Hessian; ~√κ·log(1/ε) HVPs)."""
+    """:class:`IFT` with conjugate gradient for H⁻¹ (wants a positive-definite inner Hessian; ~√κ·log(1/ε) HVPs),
+    warm-started from the previous outer step's solution and preconditioned by the curvature its solves met
+    (``cg_preconditioner="lbfgs"``; ``None`` turns it off and saves its 2·``cg_preconditioner_memory`` vectors)."""
 
     linsolve: LinSolveName = "cg"
+    cg_preconditioner: PreconditionerName | None = "lbfgs"
 
 
 @register("exact")

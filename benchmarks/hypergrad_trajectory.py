@@ -1,0 +1,311 @@
+r"""Hypergradients along a hyperparameter run: bilevel's warm-started and recycled-curvature CG against TorchOpt.
+
+``hypergrad_peers.py`` times one hypergradient at one point. A hyperparameter run asks for one per outer step at
+points that move little from one step to the next, and what a solver carries from one step to the next (its last
+solution, curvature it met) can take most of the work off the next solve. This script measures that, at equal
+accuracy, on the same sequence of points for every contender:
+
+1. The trajectory: T outer steps of Adam on λ (one weight decay per weight, ``--outer-lr``) driven by the reference
+   hypergradient, each at w_t ≈ w*(λ_t) (ridge: the closed form; logreg: ``--inner-iters`` L-BFGS iterations warm-started
+   from w_{t−1}). The reference at each point: ridge, the closed form; logreg, CG to a 1e-10 residual in float64.
+2. Each contender computes dF/dλ at every point with the smallest K (Hessian-vector products / CG iterations) whose
+   result is within ``--target`` relative error of the reference, carrying its own state along the run; K is found by
+   searching up or down from the previous step's K.
+3. The calls at those K are timed, contenders interleaved round-robin (medians of ``--reps``), in grad-equivalents
+   (one inner-loss gradient on the same data, timed in the same rounds).
+
+Contenders (implicit hypergradient dF/dλ = ∂_λ L_V − (∂²_{wλ} L_T)ᵀ H⁻¹ ∂_w L_V at the same point):
+
+* TorchOpt CG: ``custom_root(optimality, solve=solve_cg(maxiter=K))``, as documented (every solve starts from 0);
+* TorchOpt CG warm (by hand): the same, with a ``solve`` closure passing the previous solution as ``init``: what a
+  user who writes it gets;
+* bilevel CG cold: ``implicit_hypergrad(solve=partial(cg, maxiter=K))``;
+* bilevel CG warm: the same with ``x0`` = the previous solution (what ``solve(problem, "cg")`` does by default);
+* bilevel CG warm + L-BFGS: also preconditioned by the L-BFGS matrix of the latest 10 curvature pairs the previous
+  solves met (``cg(preconditioner=lbfgs_preconditioner(pairs), record_pairs=10)`` and ``recycle_pairs``, as
+  ``solve(..., cg_preconditioner="lbfgs")`` does; Morales & Nocedal, 2000); building the preconditioner is inside
+  the timed call.
+
+The MLP of ``hypergrad_peers.py`` is left out: its Hessian at trained points is indefinite, where CG has no
+guarantee (bilevel's checked CG refuses it) and no reference is well posed.
+
+Run: ``.venv/bin/python benchmarks/hypergrad_trajectory.py`` (2-core CPU: about 5 minutes; needs ``torchopt``).
+"""
+
+# ruff: noqa: E402  (hypergrad_peers sets OMP_WAIT_POLICY before torch is imported)
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import hypergrad_peers as peers
+import torch
+from torch import Tensor
+
+import bilevel
+from bilevel.linsolve import cg
+from bilevel.precondition import lbfgs_preconditioner, recycle_pairs
+from bilevel.problems.ridge import ridge_hypergrad, ridge_solution
+
+Params = dict[str, Tensor]
+PAIRS = 10  # curvature pairs kept for the recycled preconditioner
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the trajectory
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Point:
+    case: peers.Case  # the case at (λ_t, w_t) with its reference hypergradient
+
+
+def adam_steps(lam0: Params, steps: int, lr: float, point_at: Callable[[Params], peers.Case]) -> list[Point]:
+    """T points: λ_{t+1} = Adam step on λ_t with the reference hypergradient at (λ_t, w*(λ_t))."""
+    lam = {k: v.detach().clone() for k, v in lam0.items()}
+    m = {k: torch.zeros_like(v) for k, v in lam.items()}
+    v2 = {k: torch.zeros_like(v) for k, v in lam.items()}
+    points = []
+    for t in range(1, steps + 1):
+        case = point_at(lam)
+        points.append(Point(case))
+        offset = 0
+        for k in case.names:
+            n = lam[k].numel()
+            g = case.reference[offset: offset + n].reshape(lam[k].shape).to(lam[k].dtype)
+            offset += n
+            m[k] = 0.9 * m[k] + 0.1 * g
+            v2[k] = 0.999 * v2[k] + 0.001 * g * g
+            lam[k] = lam[k] - lr * (m[k] / (1 - 0.9 ** t)) / ((v2[k] / (1 - 0.999 ** t)).sqrt() + 1e-8)
+    return points
+
+
+def ridge_trajectory(dim: int, steps: int, lr: float, seed: int) -> list[Point]:
+    """Per-weight ridge (float64), w_t = w*(λ_t) exactly, reference = closed form."""
+    base = peers.make_ridge_case(dim, dtype=torch.float64, device=torch.device("cpu"), seed=seed)
+
+    def point_at(lam: Params) -> peers.Case:
+        lam_t = lam["w"].detach().clone().requires_grad_(True)
+        w = ridge_solution(base.train, lam_t.detach())
+        reference = ridge_hypergrad(base.train, base.val, lam_t.detach())
+        problem = dataclasses.replace(base.problem, outer=lam_t)
+        return dataclasses.replace(base, lam={"w": lam_t}, w={"w": w}, problem=problem, reference=reference)
+
+    return adam_steps(base.lam, steps, lr, point_at)
+
+
+def logreg_trajectory(n: int, steps: int, lr: float, inner_iters: int, seed: int, cache_dir: str | None) -> list[Point]:
+    """784-10 logistic regression on Fashion-MNIST (float32), w_t by L-BFGS from w_{t−1}; reference: float64 CG."""
+    base = peers.make_mlp_case(0, n, weight_decay=1e-2, train_steps=400, data="fashion", dtype=torch.float32,
+                               device=torch.device("cpu"), seed=seed, cache_dir=cache_dir)
+    w = {k: v.clone() for k, v in base.w.items()}
+
+    def point_at(lam: Params) -> peers.Case:
+        lam_t = {k: v.detach().clone().requires_grad_(True) for k, v in lam.items()}
+        w_var = {k: v.clone().requires_grad_(True) for k, v in w.items()}
+        opt = torch.optim.LBFGS(list(w_var.values()), lr=1, max_iter=inner_iters, history_size=20,
+                                tolerance_grad=1e-7, tolerance_change=0.0, line_search_fn="strong_wolfe")
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            loss = base.inner_loss_fn({k: v.detach() for k, v in lam_t.items()}, w_var, base.train)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        w.update({k: v.detach() for k, v in w_var.items()})
+        case = dataclasses.replace(base, lam=lam_t, w={k: v.clone() for k, v in w.items()})
+        case64 = peers.cast_case(case, torch.float64)
+        hg = bilevel.implicit_hypergrad(case64.problem, case64.bl_outer(), case64.bl_inner(), inner_batch=case64.train,
+                                        outer_batch=case64.val, solve=functools.partial(cg, maxiter=5000, rtol=1e-10))
+        case.reference = case64.flat_bl(hg.hypergrad).cpu()
+        return case
+
+    return adam_steps(base.lam, steps, lr, point_at)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# contenders: make(case, K, carried) -> (runner, carried after the call)
+# ----------------------------------------------------------------------------------------------------------------------
+Carried = dict[str, Any]  # what a contender keeps from one outer step to the next
+Runner = Callable[[], tuple[list[Tensor], Carried]]
+
+
+def bilevel_runner(warm: bool, precondition: bool) -> Callable[[peers.Case, int, Carried], Runner]:
+    def make(case: peers.Case, k: int, carried: Carried) -> Runner:
+        outer, inner = case.bl_outer(), case.bl_inner()
+        x0 = carried.get("x") if warm else None
+        pairs = carried.get("pairs", ())
+
+        def run() -> tuple[list[Tensor], Carried]:
+            extra: dict[str, Any] = {}
+            if precondition:
+                extra = {"record_pairs": PAIRS, "preconditioner": lbfgs_preconditioner(pairs, memory=PAIRS)}
+            solve = functools.partial(cg, maxiter=k, rtol=0.0, **extra)
+            hg = bilevel.implicit_hypergrad(case.problem, outer, inner, inner_batch=case.train, outer_batch=case.val,
+                                            solve=solve, x0=x0)
+            kept = recycle_pairs(pairs, hg.linsolve.pairs, memory=PAIRS)
+            return [hg.hypergrad[case.bl_key[n]] for n in case.names], {"x": hg.linsolve.x, "pairs": kept}
+
+        return run
+
+    return make
+
+
+def torchopt_runner(warm: bool) -> Callable[[peers.Case, int, Carried], Runner]:
+    def make(case: peers.Case, k: int, carried: Carried) -> Runner:
+        import torchopt
+
+        names = case.names
+        w_star = tuple(case.w[n].detach() for n in names)
+        lam_t = tuple(case.lam[n].detach().requires_grad_(True) for n in names)
+        init = carried.get("x") if warm else None
+
+        def inner_of(lam: tuple[Tensor, ...], w: tuple[Tensor, ...]) -> Tensor:
+            return case.inner_loss_fn(dict(zip(names, lam)), dict(zip(names, w)), case.train)
+
+        def optimality(w: tuple[Tensor, ...], lam: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            return torch.func.grad(inner_of, argnums=1)(lam, w)
+
+        def run() -> tuple[list[Tensor], Carried]:
+            kept: Carried = {}
+
+            def solve(matvec: Callable, b: Any) -> Any:  # the user's closure: warm start, remember the solution
+                x = torchopt.linear_solve.solve_cg(maxiter=k, rtol=0.0, init=init)(matvec, b)
+                kept["x"] = x
+                return x
+
+            @torchopt.diff.implicit.custom_root(optimality, argnums=1, solve=solve)
+            def solver(w_init: tuple[Tensor, ...], lam: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+                return w_star
+
+            w = solver(w_star, lam_t)
+            loss = case.outer_loss_fn(dict(zip(names, w)), case.val)
+            return list(torch.autograd.grad(loss, lam_t)), {"x": kept["x"]}
+
+        return run
+
+    return make
+
+
+CONTENDERS: dict[str, Callable[[peers.Case, int, Carried], Runner]] = {
+    "TorchOpt CG": torchopt_runner(warm=False),
+    "TorchOpt CG warm (by hand)": torchopt_runner(warm=True),
+    "bilevel CG cold": bilevel_runner(warm=False, precondition=False),
+    "bilevel CG warm": bilevel_runner(warm=True, precondition=False),
+    "bilevel CG warm + L-BFGS": bilevel_runner(warm=True, precondition=True),
+}
+
+
+def smallest_k(make: Callable[[peers.Case, int, Carried], Runner], case: peers.Case, carried: Carried, guess: int,
+               target: float, kmax: int) -> tuple[int, float, Carried]:
+    """The smallest K reaching ``target`` (searching down, then up, from ``guess``), its error and carried state."""
+    cache: dict[int, tuple[float, Carried]] = {}
+
+    def err_at(k: int) -> float:
+        if k not in cache:
+            out, after = make(case, k, carried)()
+            cache[k] = (peers.rel_err(out, case.reference), after)
+        return cache[k][0]
+
+    k = max(1, min(guess, kmax))
+    if err_at(k) <= target:
+        while k > 1 and err_at(k - 1) <= target:
+            k -= 1
+    else:
+        while k < kmax and err_at(k) > target:
+            k += 1
+        if err_at(k) > target:
+            raise RuntimeError(f"target {target:g} not reached within K={kmax} (error {err_at(k):.2e})")
+    return k, cache[k][0], cache[k][1]
+
+
+@dataclasses.dataclass
+class Trace:
+    ks: list[int] = dataclasses.field(default_factory=list)
+    errors: list[float] = dataclasses.field(default_factory=list)
+    seconds: list[float] = dataclasses.field(default_factory=list)
+
+
+def run_trajectory(title: str, points: list[Point], args: argparse.Namespace) -> None:
+    labels = list(CONTENDERS)
+    carried: dict[str, Carried] = {label: {} for label in labels}
+    guess: dict[str, int] = {label: 10 for label in labels}
+    traces = {label: Trace() for label in labels}
+    units: list[float] = []
+    t0 = time.perf_counter()
+    for point in points:
+        case = point.case
+        runners: dict[str, Callable[[], list[Tensor]]] = {"one gradient": peers.one_gradient(case, 0)}
+        for label in labels:
+            make = CONTENDERS[label]
+            k, err, after = smallest_k(make, case, carried[label], guess[label], args.target, args.kmax)
+            run = make(case, k, carried[label])
+            runners[label] = lambda run=run: run()[0]
+            traces[label].ks.append(k)
+            traces[label].errors.append(err)
+            carried[label], guess[label] = after, k
+        seconds, _, failed = peers.time_round_robin(runners, case.device, args.reps, 1)
+        if failed:
+            raise RuntimeError(f"timing failed: {failed}")
+        units.append(seconds["one gradient"])
+        for label in labels:
+            traces[label].seconds.append(seconds[label])
+    unit = sum(units) / len(units)
+    print(f"\n### {title}: {len(points)} outer steps, every hypergradient within {args.target:g} of the reference "
+          f"(one gradient {unit * 1e3:.3g} ms; {time.perf_counter() - t0:.0f} s)\n")
+    print("| contender | K per step (first → last; mean) | grad-eq per hypergradient | total ms | "
+          "TorchOpt CG / this | TorchOpt CG warm / this | max error |")
+    print("|---|---|---|---|---|---|---|")
+    totals = {label: sum(tr.seconds) for label, tr in traces.items()}
+    for label, tr in traces.items():
+        ks = tr.ks
+        print(f"| {label} | {ks[0]}, {ks[1]}, {ks[2]} … {ks[-1]}; {sum(ks) / len(ks):.1f} | "
+              f"{totals[label] / len(ks) / unit:.1f} | {totals[label] * 1e3:.0f} | "
+              f"{totals['TorchOpt CG'] / totals[label]:.2f} | {totals['TorchOpt CG warm (by hand)'] / totals[label]:.2f} | "
+              f"{max(tr.errors):.1e} |")
+    steady = slice(len(points) // 2, None)
+    late = {label: sum(tr.seconds[steady]) for label, tr in traces.items()}
+    print(f"\nSecond half of the run (steps {len(points) // 2 + 1}–{len(points)}): TorchOpt CG / bilevel CG warm + L-BFGS = "
+          f"{late['TorchOpt CG'] / late['bilevel CG warm + L-BFGS']:.2f}, TorchOpt CG warm (by hand) / bilevel CG warm + "
+          f"L-BFGS = {late['TorchOpt CG warm (by hand)'] / late['bilevel CG warm + L-BFGS']:.2f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--problem", choices=["ridge", "logreg", "all"], default="all")
+    p.add_argument("--dims", default="100,1000", help="ridge dimensions d")
+    p.add_argument("--logreg-n", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=20, help="outer steps T")
+    p.add_argument("--outer-lr", type=float, default=0.05, help="Adam step on λ")
+    p.add_argument("--inner-iters", type=int, default=30, help="logreg: L-BFGS iterations per outer step")
+    p.add_argument("--target", type=float, default=1e-3, help="relative error every hypergradient must reach")
+    p.add_argument("--kmax", type=int, default=300)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default="~/.cache/bilevel/hypergrad_peers")
+    args = p.parse_args(argv)
+    print(f"# hypergrad_trajectory: torch {torch.__version__}, bilevel {bilevel.__version__}, "
+          f"{torch.get_num_threads()} threads; target relative error {args.target:g}; medians of {args.reps}")
+    try:
+        import torchopt  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        sys.exit(f"TorchOpt is needed for this comparison ({e}); pip install torchopt==0.7.3")
+    if args.problem in ("ridge", "all"):
+        for d in [int(x) for x in args.dims.split(",") if x]:
+            points = ridge_trajectory(d, args.steps, args.outer_lr, args.seed)
+            run_trajectory(f"ridge d={d} (float64, n=2d)", points, args)
+    if args.problem in ("logreg", "all"):
+        points = logreg_trajectory(args.logreg_n, args.steps, args.outer_lr, args.inner_iters, args.seed,
+                                   args.cache_dir or None)
+        run_trajectory(f"logistic regression 784-10, N={args.logreg_n} (float32, Fashion-MNIST)", points, args)
+
+
+if __name__ == "__main__":
+    main()
