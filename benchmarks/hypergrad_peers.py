@@ -34,6 +34,10 @@ by the time of one inner-loss gradient on the same data measured in the same rou
 ``max_memory_allocated`` above the baseline; CPU: growth of the peak resident set size (VmHWM, reset through
 /proc/self/clear_refs, with glibc's mmap threshold pinned so freed tensors leave the RSS), measured in a separate pass.
 
+One point, no history: every CG here starts from zero and unpreconditioned. What ``solve(problem, "cg")`` carries from
+one outer step to the next (warm start, recycled L-BFGS preconditioner) is measured along a run, at equal accuracy,
+by ``benchmarks/hypergrad_trajectory.py``.
+
 Run: ``.venv/bin/python benchmarks/hypergrad_peers.py`` (2-core CPU defaults: about 10–15 minutes; the MLP inner point
 is trained once and cached under ``--cache-dir``);
 ``--problem mlp --hidden 1024 --n 16384 --device cuda`` for PERFORMANCE.md's larger rows.
