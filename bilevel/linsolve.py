@@ -142,9 +142,9 @@ def cg(
     Stops when ‖r‖ ≤ max(rtol·‖b‖, atol) or after ``maxiter`` matvecs (one more when ``x0`` is given).
     ``residual`` is the recursively updated ‖r‖/‖b‖ (the unpreconditioned residual, so ``rtol`` means the same
     with and without ``M``). With ``check=True``, non-positive curvature pᵀAp ≤ 0 (A not PD) raises; with
-    ``check=False`` the loop runs ``maxiter`` plain CG steps with no host synchronisation
-    (``vmap``-able), taking negative-curvature steps as standard CG does and skipping only exactly-zero curvature
-    (a converged direction).
+    ``check=False`` the loop runs ``maxiter`` (preconditioned) CG steps with no host synchronisation
+    (``vmap``-able, e.g. over right-hand sides with one shared ``M``), taking negative-curvature steps as standard CG
+    does and skipping only exactly-zero curvature (a converged direction).
 
     ``record_pairs=m`` keeps the first m curvature pairs (p_k, A p_k) in ``LinSolveResult.pairs`` (needs
     ``check=True``, which guarantees pᵀAp > 0): :func:`bilevel.precondition.lbfgs_preconditioner` turns them into
