@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,36 +42,36 @@ class LBFGSPreconditioner:
     def __init__(self, pairs: Sequence[CurvaturePair]):
         if not pairs:
             raise BilevelError("LBFGSPreconditioner: needs at least one curvature pair (s, y = A s).")
-        self._build(_flat_pairs(pairs))
+        basis = _flat_pairs(pairs)
+        self._build(basis, _gram(basis))
 
     @classmethod
-    def _from_basis(cls, basis: Tensor) -> LBFGSPreconditioner:
+    def _from_basis(cls, basis: Tensor, gram: np.ndarray) -> LBFGSPreconditioner:
         self = cls.__new__(cls)
-        self._build(basis)
+        self._build(basis, gram)
         return self
 
-    def _build(self, basis: Tensor) -> None:
-        """From ``basis`` = [S; Y] as rows, (2m, P)."""
+    def _build(self, basis: Tensor, gram: np.ndarray) -> None:
+        """From ``basis`` = [S; Y] as rows, (2m, P), and its Gram matrix (which holds SᵀY and YᵀY). The 2m × 2m
+        algebra runs on the host in float64 numpy: for such small matrices per-op overhead, not flops, is the cost."""
         m = basis.shape[0] // 2
-        # one product gives SᵀY, YᵀY (and SᵀS); the 2m × 2m algebra is done on the host in float64
-        gram = (basis @ basis.T).to("cpu", torch.float64)
         sy, yy = gram[:m, m:], gram[m:, m:]  # (SᵀY)_ij = s_iᵀ y_j
-        curvature = sy.diagonal()
-        if not bool((curvature > 0).all()):
-            bad = int((curvature <= 0).nonzero()[0])
+        curvature = np.diag(sy)
+        if not (curvature > 0).all():
+            bad = int(np.flatnonzero(curvature <= 0)[0])
             raise BilevelError(
-                f"LBFGSPreconditioner: pair {bad} has sᵀy={float(curvature[bad]):.3g} ≤ 0; every pair needs positive "
+                f"LBFGSPreconditioner: pair {bad} has sᵀy={curvature[bad]:.3g} ≤ 0; every pair needs positive "
                 "curvature (a positive-definite A along s). Drop such pairs (lbfgs_preconditioner does)."
             )
         gamma = float(curvature[-1] / yy[-1, -1])
-        r_inv = torch.linalg.inv(sy.triu())
-        kernel = torch.zeros(2 * m, 2 * m, dtype=torch.float64)
-        kernel[:m, :m] = r_inv.T @ (torch.diag(curvature) + gamma * yy) @ r_inv
+        r_inv = np.linalg.inv(np.triu(sy))
+        kernel = np.zeros((2 * m, 2 * m))
+        kernel[:m, :m] = r_inv.T @ (np.diag(curvature) + gamma * yy) @ r_inv
         kernel[:m, m:] = -gamma * r_inv.T
         kernel[m:, :m] = -gamma * r_inv
         self._basis = basis
         self._basis_t = basis.T
-        self._kernel = kernel.to(device=basis.device, dtype=basis.dtype)
+        self._kernel = torch.from_numpy(kernel).to(device=basis.device, dtype=basis.dtype)
         self.gamma = gamma
         self.size = m
 
@@ -96,16 +97,26 @@ def lbfgs_preconditioner(pairs: Sequence[CurvaturePair], *, memory: int = 10) ->
     if not pairs:
         return None
     basis = _flat_pairs(pairs)
+    gram = _gram(basis)
     m = len(pairs)
-    keep = ((basis[:m] * basis[m:]).sum(dim=1) > 0).nonzero().flatten()[:memory]  # one host sync for all pairs
-    if keep.numel() == 0:
+    keep = np.flatnonzero(np.diag(gram[:m, m:]) > 0)[:memory]
+    if keep.size == 0:
         return None
-    return LBFGSPreconditioner._from_basis(torch.cat([basis[:m][keep], basis[m:][keep]]))
+    if keep.size < m:
+        rows = np.concatenate([keep, keep + m])
+        basis, gram = basis[torch.as_tensor(rows, device=basis.device)], gram[np.ix_(rows, rows)]
+    return LBFGSPreconditioner._from_basis(basis, gram)
 
 
 def _flat_pairs(pairs: Sequence[CurvaturePair]) -> Tensor:
     """[S; Y] as rows, (2m, P): the pairs' s then their y, each flattened."""
     return torch.stack([tree.flatten(s) for s, _ in pairs] + [tree.flatten(y) for _, y in pairs])
+
+
+def _gram(basis: Tensor) -> np.ndarray:
+    """[S; Y][S; Y]ᵀ in float64 (whatever the working precision: R⁻¹ below amplifies rounding), on the host."""
+    wide = basis.to(torch.float64)
+    return (wide @ wide.T).cpu().numpy()
 
 
 def recycle_pairs(
