@@ -24,7 +24,10 @@ Contenders (implicit hypergradient dF/dλ = ∂_λ L_V − (∂²_{wλ} L_T)ᵀ 
 * bilevel CG warm + L-BFGS: also preconditioned by the L-BFGS matrix of the latest 10 curvature pairs the previous
   solves met (``cg(preconditioner=lbfgs_preconditioner(pairs), record_pairs=10)`` and ``recycle_pairs``, as
   ``solve(..., cg_preconditioner="lbfgs")`` does; Morales & Nocedal, 2000); building the preconditioner is inside
-  the timed call.
+  the timed call;
+* Betty Neumann (optional): ``betty.hypergradient.get_grads`` with ``type="neumann"`` (step α = 1/L), as in
+  ``hypergrad_peers.py``; nothing is carried over (Betty's Neumann has no initial guess). The truncated Neumann
+  series converges like (1 − 1/κ)^K, so it may not reach the target within ``--kmax`` (reported, then dropped).
 
 The MLP of ``hypergrad_peers.py`` is left out: its Hessian at trained points is indefinite, where CG has no
 guarantee (bilevel's checked CG refuses it) and no reference is well posed.
@@ -194,6 +197,12 @@ def torchopt_runner(warm: bool) -> Callable[[peers.Case, int, Carried], Runner]:
     return make
 
 
+def betty_runner(case: peers.Case, k: int, carried: Carried) -> Runner:
+    """Betty's Neumann hypergradient (``hypergrad_peers.betty_neumann``, step α = 1/L): nothing carried over."""
+    run = peers.betty_neumann(case, k)
+    return lambda: (run(), {})
+
+
 CONTENDERS: dict[str, Callable[[peers.Case, int, Carried], Runner]] = {
     "TorchOpt CG": torchopt_runner(warm=False),
     "TorchOpt CG warm (by hand)": torchopt_runner(warm=True),
@@ -203,27 +212,41 @@ CONTENDERS: dict[str, Callable[[peers.Case, int, Carried], Runner]] = {
 }
 
 
+PEERS = ("TorchOpt CG", "TorchOpt CG warm (by hand)", "Betty Neumann")  # the ratio columns, when present
+
+
 def smallest_k(make: Callable[[peers.Case, int, Carried], Runner], case: peers.Case, carried: Carried, guess: int,
-               target: float, kmax: int) -> tuple[int, float, Carried]:
-    """The smallest K reaching ``target`` (searching down, then up, from ``guess``), its error and carried state."""
+               target: float, kmax: int) -> tuple[int, float, Carried] | None:
+    """The smallest K reaching ``target``, its error and carried state, or None if K = ``kmax`` does not reach it.
+
+    Galloping from ``guess`` (steps 1, 2, 4, … down while the target holds, up while it does not), then bisection
+    between the last K that missed and the first that met it: a few evaluations when K moves little from one outer
+    step to the next, O(log K) when it is far off (Neumann)."""
     cache: dict[int, tuple[float, Carried]] = {}
 
-    def err_at(k: int) -> float:
+    def meets(k: int) -> bool:
         if k not in cache:
             out, after = make(case, k, carried)()
             cache[k] = (peers.rel_err(out, case.reference), after)
-        return cache[k][0]
+        return cache[k][0] <= target
 
-    k = max(1, min(guess, kmax))
-    if err_at(k) <= target:
-        while k > 1 and err_at(k - 1) <= target:
-            k -= 1
+    k, step = max(1, min(guess, kmax)), 1
+    if meets(k):
+        hi, lo = k, 0  # meets(hi); lo = 0 or a K that misses
+        while hi - step >= 1 and meets(hi - step):
+            hi, step = hi - step, 2 * step
+        lo = max(0, hi - step)
     else:
-        while k < kmax and err_at(k) > target:
-            k += 1
-        if err_at(k) > target:
-            raise RuntimeError(f"target {target:g} not reached within K={kmax} (error {err_at(k):.2e})")
-    return k, cache[k][0], cache[k][1]
+        lo = k
+        while lo < kmax and not meets(min(lo + step, kmax)):
+            lo, step = min(lo + step, kmax), 2 * step
+        if lo >= kmax:
+            return None
+        hi = min(lo + step, kmax)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+    return hi, cache[hi][0], cache[hi][1]
 
 
 @dataclasses.dataclass
@@ -233,19 +256,26 @@ class Trace:
     seconds: list[float] = dataclasses.field(default_factory=list)
 
 
-def run_trajectory(title: str, points: list[Point], args: argparse.Namespace) -> None:
-    labels = list(CONTENDERS)
+def run_trajectory(title: str, points: list[Point], contenders: dict[str, Callable], args: argparse.Namespace) -> None:
+    labels = list(contenders)
     carried: dict[str, Carried] = {label: {} for label in labels}
     guess: dict[str, int] = {label: 10 for label in labels}
     traces = {label: Trace() for label in labels}
+    missed: dict[str, str] = {}
     units: list[float] = []
     t0 = time.perf_counter()
-    for point in points:
+    for t, point in enumerate(points, start=1):
         case = point.case
         runners: dict[str, Callable[[], list[Tensor]]] = {"one gradient": peers.one_gradient(case, 0)}
         for label in labels:
-            make = CONTENDERS[label]
-            k, err, after = smallest_k(make, case, carried[label], guess[label], args.target, args.kmax)
+            if label in missed:
+                continue
+            make = contenders[label]
+            found = smallest_k(make, case, carried[label], guess[label], args.target, args.kmax)
+            if found is None:
+                missed[label] = f"target not reached within K = {args.kmax} at step {t}"
+                continue
+            k, err, after = found
             run = make(case, k, carried[label])
             runners[label] = lambda run=run: run()[0]
             traces[label].ks.append(k)
@@ -256,22 +286,26 @@ def run_trajectory(title: str, points: list[Point], args: argparse.Namespace) ->
             raise RuntimeError(f"timing failed: {failed}")
         units.append(seconds["one gradient"])
         for label in labels:
-            traces[label].seconds.append(seconds[label])
+            if label not in missed:
+                traces[label].seconds.append(seconds[label])
     unit = sum(units) / len(units)
     print(f"\n### {title}: {len(points)} outer steps, every hypergradient within {args.target:g} of the reference "
           f"(one gradient {unit * 1e3:.3g} ms; {time.perf_counter() - t0:.0f} s)\n")
+    totals = {label: sum(tr.seconds) for label, tr in traces.items() if label not in missed}
+    peer_labels = [label for label in PEERS if label in totals]
     print("| contender | K per step (first → last; mean) | grad-eq per hypergradient | total ms | "
-          "TorchOpt CG / this | TorchOpt CG warm / this | max error |")
-    print("|---|---|---|---|---|---|---|")
-    totals = {label: sum(tr.seconds) for label, tr in traces.items()}
+          + " | ".join(f"{peer} / this" for peer in peer_labels) + " | max error |")
+    print("|---|---|---|---|" + "---|" * len(peer_labels) + "---|")
     for label, tr in traces.items():
+        if label in missed:
+            print(f"| {label} | {missed[label]} |" + " |" * (3 + len(peer_labels)))
+            continue
         ks = tr.ks
-        print(f"| {label} | {ks[0]}, {ks[1]}, {ks[2]} … {ks[-1]}; {sum(ks) / len(ks):.1f} | "
-              f"{totals[label] / len(ks) / unit:.1f} | {totals[label] * 1e3:.0f} | "
-              f"{totals['TorchOpt CG'] / totals[label]:.2f} | {totals['TorchOpt CG warm (by hand)'] / totals[label]:.2f} | "
-              f"{max(tr.errors):.1e} |")
+        ratios = " | ".join(f"{totals[peer] / totals[label]:.2f}" for peer in peer_labels)
+        print(f"| {label} | {', '.join(map(str, ks[:3]))} … {ks[-1]}; {sum(ks) / len(ks):.1f} | "
+              f"{totals[label] / len(ks) / unit:.1f} | {totals[label] * 1e3:.0f} | {ratios} | {max(tr.errors):.1e} |")
     steady = slice(len(points) // 2, None)
-    late = {label: sum(tr.seconds[steady]) for label, tr in traces.items()}
+    late = {label: sum(tr.seconds[steady]) for label, tr in traces.items() if label not in missed}
     print(f"\nSecond half of the run (steps {len(points) // 2 + 1}–{len(points)}): TorchOpt CG / bilevel CG warm + L-BFGS = "
           f"{late['TorchOpt CG'] / late['bilevel CG warm + L-BFGS']:.2f}, TorchOpt CG warm (by hand) / bilevel CG warm + "
           f"L-BFGS = {late['TorchOpt CG warm (by hand)'] / late['bilevel CG warm + L-BFGS']:.2f}")
@@ -297,14 +331,21 @@ def main(argv: list[str] | None = None) -> None:
         import torchopt  # noqa: F401
     except Exception as e:  # noqa: BLE001
         sys.exit(f"TorchOpt is needed for this comparison ({e}); pip install torchopt==0.7.3")
+    contenders = dict(CONTENDERS)
+    try:
+        import betty  # noqa: F401
+
+        contenders["Betty Neumann"] = betty_runner
+    except Exception as e:  # noqa: BLE001 - optional peer
+        print(f"(Betty skipped: {e}; pip install --no-deps betty-ml==0.1.1)")
     if args.problem in ("ridge", "all"):
         for d in [int(x) for x in args.dims.split(",") if x]:
             points = ridge_trajectory(d, args.steps, args.outer_lr, args.seed)
-            run_trajectory(f"ridge d={d} (float64, n=2d)", points, args)
+            run_trajectory(f"ridge d={d} (float64, n=2d)", points, contenders, args)
     if args.problem in ("logreg", "all"):
         points = logreg_trajectory(args.logreg_n, args.steps, args.outer_lr, args.inner_iters, args.seed,
                                    args.cache_dir or None)
-        run_trajectory(f"logistic regression 784-10, N={args.logreg_n} (float32, Fashion-MNIST)", points, args)
+        run_trajectory(f"logistic regression 784-10, N={args.logreg_n} (float32, Fashion-MNIST)", points, contenders, args)
 
 
 if __name__ == "__main__":
