@@ -185,7 +185,8 @@ def trajectory():
 
 def test_trajectory_points_and_smallest_k(trajectory):
     """The points move (λ changes along the run) and carry their closed-form reference; ``smallest_k`` returns a K
-    that meets the target while K − 1 does not, from a guess above and from one below."""
+    that meets the target while K − 1 does not, from a guess above and from one below, and None when ``kmax`` is
+    below that K."""
     bench, points = trajectory
     lams = [p.case.lam["w"].detach() for p in points]
     assert float((lams[1] - lams[0]).norm()) > 0
@@ -194,6 +195,8 @@ def test_trajectory_points_and_smallest_k(trajectory):
     for guess in (1, 12):
         k, err, _ = bench.smallest_k(make, case, {}, guess, 1e-3, 50)
         assert err <= 1e-3 < bench.peers.rel_err(make(case, k - 1, {})()[0], case.reference)
+    k, _, _ = bench.smallest_k(make, case, {}, 1, 1e-3, 50)
+    assert bench.smallest_k(make, case, {}, 1, 1e-3, k - 1) is None  # not reachable below K: reported, not raised
 
 
 def test_trajectory_warm_contenders_compute_the_same_numbers(trajectory):
