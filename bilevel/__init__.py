@@ -9,7 +9,7 @@ from bilevel.check import HypergradCheck, check_hypergradient
 from bilevel.functional import ModuleView
 from bilevel.history import History
 from bilevel.hypergrad import Hypergradient, implicit_hypergrad, unrolled_hypergrad
-from bilevel.linsolve import LinSolveResult, NeumannDivergenceError, cg, exact, neumann
+from bilevel.linsolve import LinSolveResult, NeumannDivergenceError, cg, exact, minres, neumann
 from bilevel.precondition import LBFGSPreconditioner, lbfgs_preconditioner, recycle_pairs
 from bilevel.problem import BilevelError, Problem
 from bilevel.registry import available_methods, register, solver_options
@@ -37,6 +37,7 @@ __all__ = [
     "exact",
     "implicit_hypergrad",
     "lbfgs_preconditioner",
+    "minres",
     "neumann",
     "problems",
     "recycle_pairs",

@@ -254,8 +254,8 @@ def _cg_checked(
         if not curvature > 0:
             raise BilevelError(
                 f"cg: non-positive curvature pᵀAp={curvature:.3g} at iteration {iterations}: the inner Hessian is "
-                "not positive definite here. Add inner regularisation, run more inner steps, or use method='ift' "
-                "(truncated Neumann stays bounded on indefinite Hessians)."
+                "not positive definite here. Use method='minres' (linsolve='minres': MINRES handles symmetric "
+                "indefinite Hessians), add inner regularisation, or run more inner steps."
             )
         if len(pairs) < record_pairs:
             pairs.append((p, ap))
@@ -294,6 +294,75 @@ def _precondition(preconditioner: MatVec | None, r: Params) -> tuple[Params, flo
             "A⁻¹ by a symmetric positive-definite map."
         )
     return z, rs, rz
+
+
+def minres(
+    matvec: MatVec, b: Params, *, x0: Params | None = None, rtol: float = 1e-6, atol: float = 0.0, maxiter: int = 100,
+) -> LinSolveResult:
+    r"""MINRES for symmetric, possibly indefinite ``A`` (Paige & Saunders, 1975, "Solution of sparse indefinite
+    systems of linear equations", SIAM J. Numer. Anal. 12): x_k = x_0 + V_k y_k minimises ‖b − A x‖ over the Krylov
+    space K_k(A, r_0). What a trained network's inner Hessian needs, where CG has no guarantee (it is indefinite).
+
+    Lanczos builds the orthonormal basis V_k and the tridiagonal T_k (diagonal α_j, off-diagonal β_j):
+
+    .. math::
+        \beta_{j+1} v_{j+1} = A v_j - \alpha_j v_j - \beta_j v_{j-1},\qquad \alpha_j = v_j^\top A v_j,
+
+    and y_k solves min ‖β₁e₁ − T̄_k y‖ by a QR factorisation of T̄_k updated with one Givens rotation per step. With
+    the rotated column (ε_j, δ_j, γ_j) of R and the rotated right-hand side (τ_j, φ̄_j), the iterate moves along
+    d_j = (v_j − δ_j d_{j−1} − ε_j d_{j−2}) / γ_j by τ_j, and |φ̄_j| = ‖b − A x_j‖ exactly (in exact arithmetic), so
+    the residual falls monotonically. Stops when it is ≤ max(rtol·‖b‖, atol) or after ``maxiter`` matvecs (one more
+    when ``x0`` is given); ``residual`` is that recursive ‖r‖/‖b‖. Scalars live on the host (one sync per step).
+    """
+    if maxiter < 0:
+        raise BilevelError(f"minres: maxiter must be >= 0, got {maxiter}.")
+    iterations = 0
+    if x0 is None:
+        x, r = tree.zeros_like(b), b
+    else:
+        x, r = x0, tree.sub(b, matvec(x0))
+        iterations += 1
+    b_norm = float(tree.norm(b))
+    beta = float(tree.norm(r))  # β₁, then β_{j+1}
+    threshold = max(rtol * b_norm, atol)
+    phi_bar = beta  # φ̄_j, with |φ̄_j| = ‖r_j‖
+    v_prev, v = tree.zeros_like(b), tree.scale(r, 1.0 / beta) if beta > 0 else r
+    d_prev2 = d_prev = tree.zeros_like(b)
+    beta_j = 0.0  # the off-diagonal above α_j in column j of T̄ (none for j = 1)
+    c_prev2, s_prev2, c_prev, s_prev = 1.0, 0.0, 1.0, 0.0  # rotations G_{j−2}, G_{j−1}
+    for _ in range(maxiter):
+        if abs(phi_bar) <= threshold:
+            break
+        av = matvec(v)
+        iterations += 1
+        p = tree.axpy(-beta_j, v_prev, av)
+        alpha = float(tree.dot(v, p))
+        p = tree.axpy(-alpha, v, p)
+        beta_next = float(tree.norm(p))
+        if not (math.isfinite(alpha) and math.isfinite(beta_next)):
+            raise BilevelError(
+                f"minres: the Hessian-vector product is not finite at iteration {iterations}: the inner variables or "
+                "the inner loss hold NaN/inf (diverged inner steps?); lower inner_lr or check the data."
+            )
+        # column j of T̄: (β_j, α_j, β_{j+1}) at rows j−1, j, j+1; apply G_{j−2}, G_{j−1}, then build G_j
+        epsilon, delta_bar = s_prev2 * beta_j, c_prev2 * beta_j
+        delta, gamma_bar = c_prev * delta_bar + s_prev * alpha, -s_prev * delta_bar + c_prev * alpha
+        gamma = math.hypot(gamma_bar, beta_next)
+        if gamma == 0.0:  # T̄ singular in this direction: nothing more to gain from the Krylov space
+            break
+        c, s = gamma_bar / gamma, beta_next / gamma
+        tau, phi_bar = c * phi_bar, -s * phi_bar
+        d = tree.scale(tree.axpy(-epsilon, d_prev2, tree.axpy(-delta, d_prev, v)), 1.0 / gamma)
+        x = tree.axpy(tau, d, x)
+        if beta_next == 0.0:  # invariant subspace: x is exact
+            phi_bar = 0.0
+            break
+        v_prev, v = v, tree.scale(p, 1.0 / beta_next)
+        d_prev2, d_prev = d_prev, d
+        beta_j = beta_next
+        c_prev2, s_prev2, c_prev, s_prev = c_prev, s_prev, c, s
+    residual = torch.tensor(abs(phi_bar) / max(b_norm, 1e-300), dtype=tree.floating_dtype(x))
+    return LinSolveResult(x=x, iterations=iterations, residual=residual)
 
 
 def exact(

@@ -243,7 +243,7 @@ def test_auto_search_space_rules_on_ift():
     assert space["inner_lr"] == FloatDistribution(0.01, 1.0, log=True)
     assert space["outer_lr"] == FloatDistribution(0.001, 0.1, log=True)
     assert space["inner_momentum"] == FloatDistribution(0.0, 0.99)
-    assert set(space["linsolve"].choices) == {"neumann", "cg", "exact"}
+    assert set(space["linsolve"].choices) == {"neumann", "cg", "minres", "exact"}
     assert set(space["inner_optimizer"].choices) == {"sgd", "adam", "rmsprop"}
     assert space["warm_start"].choices == (False, True)
     assert "cg_rtol" not in space and "neumann_alpha" not in space  # a tolerance; a None default

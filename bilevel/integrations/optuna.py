@@ -349,15 +349,17 @@ def _type_hints(cls: type) -> dict[str, Any]:
 
 
 def _literal_choices(hint: Any) -> list[Any] | None:
+    """The choices of a ``Literal`` hint; ``Literal[...] | None`` adds None (e.g. a feature that can be off)."""
     if hint is None:
         return None
     if typing.get_origin(hint) is typing.Literal:
         return list(typing.get_args(hint))
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
+        args = typing.get_args(hint)
+        for arg in args:
             choices = _literal_choices(arg)
             if choices is not None:
-                return choices
+                return choices + ([None] if type(None) in args else [])
     return None
 
 

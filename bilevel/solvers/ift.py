@@ -1,4 +1,4 @@
-r"""Implicit differentiation solvers: ``ift`` (Neumann), ``cg`` and ``exact`` inverse-HVP.
+r"""Implicit differentiation solvers: ``ift`` (Neumann), ``cg``, ``minres`` and ``exact`` inverse-HVP.
 
 Lorraine, Vicol & Duvenaud, 2020, "Optimizing Millions of Hyperparameters by Implicit Differentiation", AISTATS:
 per outer step, ``inner_steps`` optimizer steps on w, then one hyperstep
@@ -7,7 +7,8 @@ per outer step, ``inner_steps`` optimizer steps on w, then one hyperstep
     \lambda \leftarrow \mathrm{Proj}\big(\lambda - \eta\,[\partial_\lambda L_V - (\partial^2_{w\lambda}L_T)^\top
     H^{-1}\partial_w L_V]\big),
 
-with H⁻¹ by a truncated Neumann series (``ift``), conjugate gradient (``cg``) or a dense solve (``exact``).
+with H⁻¹ by a truncated Neumann series (``ift``), conjugate gradient (``cg``), MINRES (``minres``, for indefinite H)
+or a dense solve (``exact``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from bilevel import tree
 from bilevel.data import DataStreams
 from bilevel.hypergrad import Hypergradient, implicit_hypergrad
-from bilevel.linsolve import cg, exact, neumann
+from bilevel.linsolve import cg, exact, minres, neumann
 from bilevel.optim import Optimizer, make_optimizer
 from bilevel.precondition import lbfgs_preconditioner, recycle_pairs
 from bilevel.problem import BilevelError, Problem
@@ -30,7 +31,7 @@ from bilevel.registry import register
 from bilevel.solvers.common import make_inner_optimizer, outer_update, require_nonnegative_int, require_positive, train_inner
 from bilevel.types import Params
 
-LinSolveName = Literal["neumann", "cg", "exact"]
+LinSolveName = Literal["neumann", "cg", "minres", "exact"]
 HvpDtype = Literal["bfloat16", "float16", "float32"]
 PreconditionerName = Literal["lbfgs"]
 
@@ -61,14 +62,14 @@ class IFT:
     r"""Implicit-function-theorem hypergradients with a truncated Neumann series for H⁻¹ (Lorraine et al., 2020).
 
     Cost per outer step: ``inner_steps`` gradients + about ``2 + k`` gradient-equivalents for the hypergradient
-    (k = ``neumann_terms`` or the CG iterations). ``neumann_alpha`` defaults to ``inner_lr`` (the series then
-    equals unrolling k SGD steps from the optimum) and must be below 2/λ_max(H). ``hvp_dtype`` (CG only, e.g.
-    "bfloat16" for a float32 problem) runs CG's Hessian-vector products in a lower precision with reliable
-    residual updates in the working one (see :func:`bilevel.implicit_hypergrad`). ``cg_preconditioner="lbfgs"``
-    preconditions each CG solve with the L-BFGS matrix of the latest ``cg_preconditioner_memory`` curvature pairs
-    the previous solves met (Morales & Nocedal, 2000; :mod:`bilevel.precondition`): no extra Hessian-vector
-    products, 2·memory extra vectors of memory, and with the warm start it takes most of the work off the solve
-    when the Hessian moves slowly between outer steps.
+    (k = ``neumann_terms``, or the CG / MINRES iterations bounded by ``cg_maxiter`` and ``cg_rtol``).
+    ``neumann_alpha`` defaults to ``inner_lr`` (the series then equals unrolling k SGD steps from the optimum) and
+    must be below 2/λ_max(H). ``hvp_dtype`` (CG only, e.g. "bfloat16" for a float32 problem) runs CG's
+    Hessian-vector products in a lower precision with reliable residual updates in the working one (see
+    :func:`bilevel.implicit_hypergrad`). ``cg_preconditioner="lbfgs"`` preconditions each CG solve with the L-BFGS
+    matrix of the latest ``cg_preconditioner_memory`` curvature pairs the previous solves met (Morales & Nocedal,
+    2000; :mod:`bilevel.precondition`): no extra Hessian-vector products, 2·memory extra vectors of memory, and with
+    the warm start it takes most of the work off the solve when the Hessian moves slowly between outer steps.
     """
 
     inner_steps: int = 10
@@ -94,8 +95,8 @@ class IFT:
         require_positive(owner, inner_lr=self.inner_lr, outer_lr=self.outer_lr)
         if self.neumann_alpha is not None:
             require_positive(owner, neumann_alpha=self.neumann_alpha)
-        if self.linsolve not in ("neumann", "cg", "exact"):
-            raise BilevelError(f"{owner}: linsolve must be 'neumann', 'cg' or 'exact', got {self.linsolve!r}.")
+        if self.linsolve not in typing.get_args(LinSolveName):
+            raise BilevelError(f"{owner}: linsolve must be one of {typing.get_args(LinSolveName)}, got {self.linsolve!r}.")
         if self.hvp_dtype is not None:
             if self.hvp_dtype not in typing.get_args(HvpDtype):
                 raise BilevelError(f"{owner}: hvp_dtype must be one of {typing.get_args(HvpDtype)} or None, "
@@ -131,6 +132,8 @@ class IFT:
             memory = self.cg_preconditioner_memory
             return functools.partial(cg, maxiter=self.cg_maxiter, rtol=self.cg_rtol, record_pairs=memory,
                                      preconditioner=lbfgs_preconditioner(pairs, memory=memory))
+        if self.linsolve == "minres":
+            return functools.partial(minres, maxiter=self.cg_maxiter, rtol=self.cg_rtol)
         return exact
 
     def hypergradient(
@@ -139,7 +142,7 @@ class IFT:
     ) -> Hypergradient:
         """dF/dλ at (λ, w) by the implicit rule with this solver's linear solver (``x0``, ``pairs``: the previous
         solve's solution and curvature pairs, used when warm starts / the preconditioner are on)."""
-        use_x0 = x0 if (self.linsolve == "cg" and self.warm_start) else None
+        use_x0 = x0 if (self.linsolve in ("cg", "minres") and self.warm_start) else None
         return implicit_hypergrad(
             problem, outer, inner, inner_batch=data.inner(), outer_batch=data.outer(),
             buffers=buffers, solve=self.linear_solver(pairs), x0=use_x0,
@@ -180,8 +183,17 @@ class CG(IFT):
     warm-started from the previous outer step's solution and preconditioned by the curvature its solves met
     (``cg_preconditioner="lbfgs"``; ``None`` turns it off and saves its 2·``cg_preconditioner_memory`` vectors)."""
 
-    linsolve: LinSolveName = "cg"
+    linsolve: LinSolveName = dataclasses.field(default="cg", init=False)  # the method itself: not an option
     cg_preconditioner: PreconditionerName | None = "lbfgs"
+
+
+@register("minres")
+@dataclasses.dataclass(frozen=True)
+class Minres(IFT):
+    """:class:`IFT` with MINRES for H⁻¹ (Paige & Saunders, 1975): for symmetric indefinite inner Hessians (trained
+    networks), where CG has no guarantee; warm-started across steps; ``cg_maxiter`` and ``cg_rtol`` bound it."""
+
+    linsolve: LinSolveName = dataclasses.field(default="minres", init=False)  # the method itself: not an option
 
 
 @register("exact")
@@ -189,4 +201,4 @@ class CG(IFT):
 class Exact(IFT):
     """:class:`IFT` with a dense solve of H (small problems; the reference the others are checked against)."""
 
-    linsolve: LinSolveName = "exact"
+    linsolve: LinSolveName = dataclasses.field(default="exact", init=False)  # the method itself: not an option
