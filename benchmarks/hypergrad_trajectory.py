@@ -32,7 +32,8 @@ Contenders (implicit hypergradient dF/dλ = ∂_λ L_V − (∂²_{wλ} L_T)ᵀ 
 The MLP of ``hypergrad_peers.py`` is left out: its Hessian at trained points is indefinite, where CG has no
 guarantee (bilevel's checked CG refuses it) and no reference is well posed.
 
-Run: ``.venv/bin/python benchmarks/hypergrad_trajectory.py`` (2-core CPU: about 5 minutes; needs ``torchopt``).
+Run: ``.venv/bin/python benchmarks/hypergrad_trajectory.py`` (2-core CPU: about 5 minutes; needs ``torchopt``; Betty
+optional); ``--device cuda`` on a GPU.
 """
 
 # ruff: noqa: E402  (hypergrad_peers sets OMP_WAIT_POLICY before torch is imported)
@@ -89,24 +90,25 @@ def adam_steps(lam0: Params, steps: int, lr: float, point_at: Callable[[Params],
     return points
 
 
-def ridge_trajectory(dim: int, steps: int, lr: float, seed: int) -> list[Point]:
+def ridge_trajectory(dim: int, steps: int, lr: float, seed: int, device: torch.device | None = None) -> list[Point]:
     """Per-weight ridge (float64), w_t = w*(λ_t) exactly, reference = closed form."""
-    base = peers.make_ridge_case(dim, dtype=torch.float64, device=torch.device("cpu"), seed=seed)
+    base = peers.make_ridge_case(dim, dtype=torch.float64, device=device or torch.device("cpu"), seed=seed)
 
     def point_at(lam: Params) -> peers.Case:
         lam_t = lam["w"].detach().clone().requires_grad_(True)
         w = ridge_solution(base.train, lam_t.detach())
-        reference = ridge_hypergrad(base.train, base.val, lam_t.detach())
+        reference = ridge_hypergrad(base.train, base.val, lam_t.detach()).cpu()
         problem = dataclasses.replace(base.problem, outer=lam_t)
         return dataclasses.replace(base, lam={"w": lam_t}, w={"w": w}, problem=problem, reference=reference)
 
     return adam_steps(base.lam, steps, lr, point_at)
 
 
-def logreg_trajectory(n: int, steps: int, lr: float, inner_iters: int, seed: int, cache_dir: str | None) -> list[Point]:
+def logreg_trajectory(n: int, steps: int, lr: float, inner_iters: int, seed: int, cache_dir: str | None,
+                      device: torch.device | None = None) -> list[Point]:
     """784-10 logistic regression on Fashion-MNIST (float32), w_t by L-BFGS from w_{t−1}; reference: float64 CG."""
     base = peers.make_mlp_case(0, n, weight_decay=1e-2, train_steps=400, data="fashion", dtype=torch.float32,
-                               device=torch.device("cpu"), seed=seed, cache_dir=cache_dir)
+                               device=device or torch.device("cpu"), seed=seed, cache_dir=cache_dir)
     w = {k: v.clone() for k, v in base.w.items()}
 
     def point_at(lam: Params) -> peers.Case:
@@ -323,9 +325,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kmax", type=int, default=300)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--cache-dir", default="~/.cache/bilevel/hypergrad_peers")
     args = p.parse_args(argv)
-    print(f"# hypergrad_trajectory: torch {torch.__version__}, bilevel {bilevel.__version__}, "
+    print(f"# hypergrad_trajectory: torch {torch.__version__}, bilevel {bilevel.__version__}, device {args.device}, "
           f"{torch.get_num_threads()} threads; target relative error {args.target:g}; medians of {args.reps}")
     try:
         import torchopt  # noqa: F401
@@ -340,11 +343,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"(Betty skipped: {e}; pip install --no-deps betty-ml==0.1.1)")
     if args.problem in ("ridge", "all"):
         for d in [int(x) for x in args.dims.split(",") if x]:
-            points = ridge_trajectory(d, args.steps, args.outer_lr, args.seed)
+            points = ridge_trajectory(d, args.steps, args.outer_lr, args.seed, torch.device(args.device))
             run_trajectory(f"ridge d={d} (float64, n=2d)", points, contenders, args)
     if args.problem in ("logreg", "all"):
         points = logreg_trajectory(args.logreg_n, args.steps, args.outer_lr, args.inner_iters, args.seed,
-                                   args.cache_dir or None)
+                                   args.cache_dir or None, torch.device(args.device))
         run_trajectory(f"logistic regression 784-10, N={args.logreg_n} (float32, Fashion-MNIST)", points, contenders, args)
 
 
