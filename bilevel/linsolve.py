@@ -312,7 +312,7 @@ def minres(
     the rotated column (ε_j, δ_j, γ_j) of R and the rotated right-hand side (τ_j, φ̄_j), the iterate moves along
     d_j = (v_j − δ_j d_{j−1} − ε_j d_{j−2}) / γ_j by τ_j, and |φ̄_j| = ‖b − A x_j‖ exactly (in exact arithmetic), so
     the residual falls monotonically. Stops when it is ≤ max(rtol·‖b‖, atol) or after ``maxiter`` matvecs (one more
-    when ``x0`` is given); ``residual`` is that recursive ‖r‖/‖b‖. Scalars live on the host (one sync per step).
+    when ``x0`` is given); ``residual`` is that recursive ‖r‖/‖b‖. Scalars live on the host (two syncs per step).
     """
     if maxiter < 0:
         raise BilevelError(f"minres: maxiter must be >= 0, got {maxiter}.")
