@@ -10,7 +10,7 @@ from bilevel.functional import ModuleView
 from bilevel.history import History
 from bilevel.hypergrad import Hypergradient, implicit_hypergrad, unrolled_hypergrad
 from bilevel.linsolve import LinSolveResult, NeumannDivergenceError, cg, exact, minres, neumann
-from bilevel.precondition import LBFGSPreconditioner, lbfgs_preconditioner, recycle_pairs
+from bilevel.precondition import lbfgs_preconditioner
 from bilevel.problem import BilevelError, Problem
 from bilevel.registry import available_methods, register, solver_options
 from bilevel.solve import Result, solve
@@ -23,7 +23,6 @@ __all__ = [
     "History",
     "HypergradCheck",
     "Hypergradient",
-    "LBFGSPreconditioner",
     "LinSolveResult",
     "ModuleView",
     "NeumannDivergenceError",
@@ -40,7 +39,6 @@ __all__ = [
     "minres",
     "neumann",
     "problems",
-    "recycle_pairs",
     "register",
     "solve",
     "solver_options",

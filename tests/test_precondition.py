@@ -12,7 +12,8 @@ from test_hypergrad import rel_err, ridge_setup
 from test_linsolve import spd_system
 
 import bilevel
-from bilevel import BilevelError, LBFGSPreconditioner, cg, implicit_hypergrad, lbfgs_preconditioner, tree
+from bilevel import BilevelError, cg, implicit_hypergrad, lbfgs_preconditioner, tree
+from bilevel.precondition import LBFGSPreconditioner
 from bilevel.problems.ridge import ridge_hypergrad
 
 
