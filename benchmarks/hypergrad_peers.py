@@ -410,13 +410,17 @@ def plain_neumann(case: Case, k: int) -> Runner:
     return run
 
 
-def torchopt_cg(case: Case, k: int) -> Runner:
-    """TorchOpt's implicit gradient: ``custom_root(optimality_fn, argnums=1, solve=solve_cg(maxiter=K))``."""
+def torchopt_cg(case: Case, k: int, *, init: Any = None, kept: dict[str, Any] | None = None) -> Runner:
+    """TorchOpt's implicit gradient: ``custom_root(optimality_fn, argnums=1, solve=solve_cg(maxiter=K))``.
+
+    ``init``: a warm start for its CG (``solve_cg(init=...)``, in TorchOpt's layout and sign); ``kept``: a dict that
+    receives its CG solution as ``kept["x"]`` (what a user's closure would keep for the next warm start)."""
     import torchopt
 
     names = case.names
     w_star = tuple(case.w[n].detach() for n in names)
     lam_t = tuple(case.lam[n].detach().requires_grad_(True) for n in names)
+    cg_solve = torchopt.linear_solve.solve_cg(maxiter=k, rtol=0.0, init=init)
 
     def inner_of(lam: tuple[Tensor, ...], w: tuple[Tensor, ...]) -> Tensor:
         return case.inner_loss_fn(dict(zip(names, lam)), dict(zip(names, w)), case.train)
@@ -424,7 +428,13 @@ def torchopt_cg(case: Case, k: int) -> Runner:
     def optimality(w: tuple[Tensor, ...], lam: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         return torch.func.grad(inner_of, argnums=1)(lam, w)
 
-    @torchopt.diff.implicit.custom_root(optimality, argnums=1, solve=torchopt.linear_solve.solve_cg(maxiter=k, rtol=0.0))
+    def solve(matvec: Callable, b: Any) -> Any:
+        x = cg_solve(matvec, b)
+        if kept is not None:
+            kept["x"] = x
+        return x
+
+    @torchopt.diff.implicit.custom_root(optimality, argnums=1, solve=solve)
     def solver(w_init: tuple[Tensor, ...], lam: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         return w_star  # the inner problem was solved beforehand: the same w as everyone
 

@@ -55,6 +55,7 @@ from torch import Tensor
 
 import bilevel
 from bilevel.linsolve import cg
+from bilevel.optim import adam
 from bilevel.precondition import lbfgs_preconditioner, recycle_pairs
 from bilevel.problems.ridge import ridge_hypergrad, ridge_solution
 
@@ -71,22 +72,19 @@ class Point:
 
 
 def adam_steps(lam0: Params, steps: int, lr: float, point_at: Callable[[Params], peers.Case]) -> list[Point]:
-    """T points: λ_{t+1} = Adam step on λ_t with the reference hypergradient at (λ_t, w*(λ_t))."""
+    """T points: λ_{t+1} = Adam step (``bilevel.optim.adam``) on λ_t with the reference hypergradient at
+    (λ_t, w*(λ_t))."""
+    opt = adam(lr)
     lam = {k: v.detach().clone() for k, v in lam0.items()}
-    m = {k: torch.zeros_like(v) for k, v in lam.items()}
-    v2 = {k: torch.zeros_like(v) for k, v in lam.items()}
+    state = opt.init(lam)
     points = []
-    for t in range(1, steps + 1):
+    for _ in range(steps):
         case = point_at(lam)
         points.append(Point(case))
-        offset = 0
-        for k in case.names:
-            n = lam[k].numel()
-            g = case.reference[offset: offset + n].reshape(lam[k].shape).to(lam[k].dtype)
-            offset += n
-            m[k] = 0.9 * m[k] + 0.1 * g
-            v2[k] = 0.999 * v2[k] + 0.001 * g * g
-            lam[k] = lam[k] - lr * (m[k] / (1 - 0.9 ** t)) / ((v2[k] / (1 - 0.999 ** t)).sqrt() + 1e-8)
+        like = lam[case.names[0]]
+        pieces = case.reference.to(like.device, like.dtype).split([lam[k].numel() for k in case.names])
+        grads = {k: g.reshape(lam[k].shape) for k, g in zip(case.names, pieces)}
+        lam, state = opt.update(lam, grads, state)
     return points
 
 
@@ -164,37 +162,11 @@ def bilevel_runner(warm: bool, precondition: bool) -> Callable[[peers.Case, int,
 
 
 def torchopt_runner(warm: bool) -> Callable[[peers.Case, int, Carried], Runner]:
+    """``hypergrad_peers.torchopt_cg``; warm: started from, and keeping, its previous CG solution (a user's closure)."""
     def make(case: peers.Case, k: int, carried: Carried) -> Runner:
-        import torchopt
-
-        names = case.names
-        w_star = tuple(case.w[n].detach() for n in names)
-        lam_t = tuple(case.lam[n].detach().requires_grad_(True) for n in names)
-        init = carried.get("x") if warm else None
-
-        def inner_of(lam: tuple[Tensor, ...], w: tuple[Tensor, ...]) -> Tensor:
-            return case.inner_loss_fn(dict(zip(names, lam)), dict(zip(names, w)), case.train)
-
-        def optimality(w: tuple[Tensor, ...], lam: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-            return torch.func.grad(inner_of, argnums=1)(lam, w)
-
-        def run() -> tuple[list[Tensor], Carried]:
-            kept: Carried = {}
-
-            def solve(matvec: Callable, b: Any) -> Any:  # the user's closure: warm start, remember the solution
-                x = torchopt.linear_solve.solve_cg(maxiter=k, rtol=0.0, init=init)(matvec, b)
-                kept["x"] = x
-                return x
-
-            @torchopt.diff.implicit.custom_root(optimality, argnums=1, solve=solve)
-            def solver(w_init: tuple[Tensor, ...], lam: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-                return w_star
-
-            w = solver(w_star, lam_t)
-            loss = case.outer_loss_fn(dict(zip(names, w)), case.val)
-            return list(torch.autograd.grad(loss, lam_t)), {"x": kept["x"]}
-
-        return run
+        kept: Carried = {}
+        run = peers.torchopt_cg(case, k, init=carried.get("x") if warm else None, kept=kept)
+        return lambda: (run(), {"x": kept["x"]})
 
     return make
 
