@@ -1,6 +1,7 @@
 """Linear solvers against torch.linalg.solve on random SPD systems (oracle: dense LU), dtype and batching."""
 
 import functools
+import math
 import re
 
 import pytest
@@ -9,20 +10,29 @@ import torch
 from bilevel import BilevelError, NeumannDivergenceError, cg, exact, neumann, tree
 
 
-def spd_system(n: int = 12, cond: float = 4.0, dtype: torch.dtype = torch.float64, device: str = "cpu", seed: int = 0):
+def symmetric_system(eig: torch.Tensor, *, u_shape: tuple[int, ...], dtype: torch.dtype = torch.float64,
+                     device: str = "cpu", seed: int = 0):
+    """(A, b, b as Params, matvec) with A = Q diag(eig) Qᵀ for a random orthogonal Q and a random b (drawn in that
+    order from ``seed``, in float64); the Params split b into "u" of ``u_shape`` and the rest "v"."""
+    n = eig.numel()
     gen = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
-    eig = torch.linspace(1.0, cond, n, dtype=torch.float64)
-    a = (q * eig) @ q.T
+    a = (q * eig.to(torch.float64)) @ q.T
     b = torch.randn(n, generator=gen, dtype=torch.float64)
     a, b = a.to(dtype=dtype, device=device), b.to(dtype=dtype, device=device)
-    split = n // 3
-    params = {"u": b[:split].reshape(split, 1), "v": b[split:]}
+    split = math.prod(u_shape)
+    params = {"u": b[:split].reshape(u_shape), "v": b[split:]}
 
     def matvec(p):
         return tree.unflatten(a @ tree.flatten(p), p)
 
     return a, b, params, matvec
+
+
+def spd_system(n: int = 12, cond: float = 4.0, dtype: torch.dtype = torch.float64, device: str = "cpu", seed: int = 0):
+    """Eigenvalues evenly spaced in [1, cond]."""
+    eig = torch.linspace(1.0, cond, n, dtype=torch.float64)
+    return symmetric_system(eig, u_shape=(n // 3, 1), dtype=dtype, device=device, seed=seed)
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])

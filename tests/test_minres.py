@@ -10,7 +10,7 @@ import functools
 import pytest
 import torch
 from test_hypergrad import rel_err, ridge_setup
-from test_linsolve import spd_system
+from test_linsolve import spd_system, symmetric_system
 
 import bilevel
 from bilevel import BilevelError, cg, exact, implicit_hypergrad, minres, tree
@@ -19,18 +19,9 @@ from bilevel.problems.ridge import ridge_hypergrad
 
 def indefinite_system(n: int = 60, n_negative: int = 15, seed: int = 0):
     """(A, b, Params b, matvec): eigenvalues −3..−0.1 (n_negative of them) and 0.1..10, as Params of two tensors."""
-    gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     eig = torch.cat([-torch.logspace(-1, 0.5, n_negative, dtype=torch.float64),
                      torch.logspace(-1, 1, n - n_negative, dtype=torch.float64)])
-    a = (q * eig) @ q.T
-    b = torch.randn(n, generator=gen, dtype=torch.float64)
-    params = {"u": b[:20].reshape(4, 5), "v": b[20:]}
-
-    def matvec(p):
-        return tree.unflatten(a @ tree.flatten(p), p)
-
-    return a, b, params, matvec
+    return symmetric_system(eig, u_shape=(4, 5), seed=seed)
 
 
 def test_minres_solves_indefinite_systems_with_exact_residuals():
