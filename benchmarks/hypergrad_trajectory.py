@@ -66,21 +66,16 @@ PAIRS = 10  # curvature pairs kept for the recycled preconditioner
 # ----------------------------------------------------------------------------------------------------------------------
 # the trajectory
 # ----------------------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Point:
-    case: peers.Case  # the case at (λ_t, w_t) with its reference hypergradient
-
-
-def adam_steps(lam0: Params, steps: int, lr: float, point_at: Callable[[Params], peers.Case]) -> list[Point]:
-    """T points: λ_{t+1} = Adam step (``bilevel.optim.adam``) on λ_t with the reference hypergradient at
-    (λ_t, w*(λ_t))."""
+def adam_steps(lam0: Params, steps: int, lr: float, point_at: Callable[[Params], peers.Case]) -> list[peers.Case]:
+    """The cases at T points (each with its reference hypergradient): λ_{t+1} = Adam step (``bilevel.optim.adam``)
+    on λ_t with the reference hypergradient at (λ_t, w*(λ_t))."""
     opt = adam(lr)
     lam = {k: v.detach().clone() for k, v in lam0.items()}
     state = opt.init(lam)
     points = []
     for _ in range(steps):
         case = point_at(lam)
-        points.append(Point(case))
+        points.append(case)
         like = lam[case.names[0]]
         pieces = case.reference.to(like.device, like.dtype).split([lam[k].numel() for k in case.names])
         grads = {k: g.reshape(lam[k].shape) for k, g in zip(case.names, pieces)}
@@ -88,7 +83,7 @@ def adam_steps(lam0: Params, steps: int, lr: float, point_at: Callable[[Params],
     return points
 
 
-def ridge_trajectory(dim: int, steps: int, lr: float, seed: int, device: torch.device | None = None) -> list[Point]:
+def ridge_trajectory(dim: int, steps: int, lr: float, seed: int, device: torch.device | None = None) -> list[peers.Case]:
     """Per-weight ridge (float64), w_t = w*(λ_t) exactly, reference = closed form."""
     base = peers.make_ridge_case(dim, dtype=torch.float64, device=device or torch.device("cpu"), seed=seed)
 
@@ -103,7 +98,7 @@ def ridge_trajectory(dim: int, steps: int, lr: float, seed: int, device: torch.d
 
 
 def logreg_trajectory(n: int, steps: int, lr: float, inner_iters: int, seed: int, cache_dir: str | None,
-                      device: torch.device | None = None) -> list[Point]:
+                      device: torch.device | None = None) -> list[peers.Case]:
     """784-10 logistic regression on Fashion-MNIST (float32), w_t by L-BFGS from w_{t−1}; reference: float64 CG."""
     base = peers.make_mlp_case(0, n, weight_decay=1e-2, train_steps=400, data="fashion", dtype=torch.float32,
                                device=device or torch.device("cpu"), seed=seed, cache_dir=cache_dir)
@@ -230,7 +225,7 @@ class Trace:
     seconds: list[float] = dataclasses.field(default_factory=list)
 
 
-def run_trajectory(title: str, points: list[Point], contenders: dict[str, Callable], args: argparse.Namespace) -> None:
+def run_trajectory(title: str, points: list[peers.Case], contenders: dict[str, Callable], args: argparse.Namespace) -> None:
     labels = list(contenders)
     carried: dict[str, Carried] = {label: {} for label in labels}
     guess: dict[str, int] = {label: 10 for label in labels}
@@ -238,8 +233,7 @@ def run_trajectory(title: str, points: list[Point], contenders: dict[str, Callab
     missed: dict[str, str] = {}
     units: list[float] = []
     t0 = time.perf_counter()
-    for t, point in enumerate(points, start=1):
-        case = point.case
+    for t, case in enumerate(points, start=1):
         runners: dict[str, Callable[[], list[Tensor]]] = {"one gradient": peers.one_gradient(case, 0)}
         for label in labels:
             if label in missed:

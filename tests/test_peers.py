@@ -188,9 +188,9 @@ def test_trajectory_points_and_smallest_k(trajectory):
     that meets the target while K − 1 does not, from a guess above and from one below, and None when ``kmax`` is
     below that K."""
     bench, points = trajectory
-    lams = [p.case.lam["w"].detach() for p in points]
+    lams = [case.lam["w"].detach() for case in points]
     assert float((lams[1] - lams[0]).norm()) > 0
-    case = points[1].case
+    case = points[1]
     make = bench.CONTENDERS["bilevel CG cold"]
     for guess in (1, 12):
         k, err, _ = bench.smallest_k(make, case, {}, guess, 1e-3, 50)
@@ -204,7 +204,7 @@ def test_trajectory_warm_contenders_compute_the_same_numbers(trajectory):
     at equal K, so the benchmark's K columns compare like with like. The preconditioned contender carries pairs."""
     pytest.importorskip("torchopt")
     bench, points = trajectory
-    first, second = points[0].case, points[1].case
+    first, second = points[0], points[1]
     _, carried = bench.CONTENDERS["bilevel CG warm"](first, 3, {})()
     ours = bench.peers.flat(bench.CONTENDERS["bilevel CG warm"](second, 3, carried)()[0])
     # the same start in TorchOpt's layout (a tuple) and sign (custom_root's linear system has the solution −H⁻¹∂_w L_V)
