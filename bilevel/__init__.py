@@ -6,12 +6,13 @@ Public API: describe the task as a :class:`Problem`, call :func:`solve`, read th
 from bilevel import problems, solvers  # solvers: registers the built-in methods
 from bilevel.callbacks import EarlyStopping, ProgressBar, StepInfo
 from bilevel.check import HypergradCheck, check_hypergradient
+from bilevel.errors import BilevelError
 from bilevel.functional import ModuleView
 from bilevel.history import History
 from bilevel.hypergrad import Hypergradient, implicit_hypergrad, unrolled_hypergrad
 from bilevel.linsolve import LinSolveResult, NeumannDivergenceError, cg, exact, minres, neumann
 from bilevel.precondition import lbfgs_preconditioner
-from bilevel.problem import BilevelError, Problem
+from bilevel.problem import Problem
 from bilevel.registry import available_methods, register, solver_options
 from bilevel.solve import Result, solve
 

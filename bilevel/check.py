@@ -9,8 +9,9 @@ import torch
 
 from bilevel import tree
 from bilevel.data import DataStreams
+from bilevel.errors import BilevelError
 from bilevel.inner import solve_inner
-from bilevel.problem import BilevelError, Problem
+from bilevel.problem import Problem
 from bilevel.registry import make_solver
 from bilevel.types import Params
 

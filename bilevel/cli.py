@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from bilevel.callbacks import ProgressBar, StepInfo
-from bilevel.problem import BilevelError
+from bilevel.errors import BilevelError
 from bilevel.problems import PROBLEMS, DatasetUnavailable, make_problem, problem_options, suggested_options
 from bilevel.registry import available_methods, solver_class, solver_options
 from bilevel.solve import Result, solve

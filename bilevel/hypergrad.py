@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 from bilevel import oracles, tree
+from bilevel.errors import BilevelError
 from bilevel.linsolve import LinSolveResult, cg
 from bilevel.optim import Optimizer
-from bilevel.problem import BilevelError, Problem
+from bilevel.problem import Problem
 from bilevel.types import Batch, Params
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from bilevel import tree
+from bilevel.errors import BilevelError
 from bilevel.linsolve import cg
 from bilevel.oracles import Linearization
-from bilevel.problem import BilevelError, Problem
+from bilevel.problem import Problem
 from bilevel.types import Batch, Params
 
 

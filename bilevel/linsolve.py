@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from bilevel import tree
-from bilevel.problem import BilevelError
+from bilevel.errors import BilevelError
 from bilevel.types import MatVec, Params
 
 

@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from bilevel.problem import BilevelError, Problem
+from bilevel.errors import BilevelError
+from bilevel.problem import Problem
 from bilevel.types import Batch, Params
 
 Episode = tuple[Batch, Batch]

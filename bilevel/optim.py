@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from bilevel.problem import BilevelError
+from bilevel.errors import BilevelError
 from bilevel.types import Params
 
 

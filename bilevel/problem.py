@@ -15,16 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from bilevel.data import BatchStream
+from bilevel.errors import BilevelError
 from bilevel.functional import ModuleView, split_module
 from bilevel.types import Batch, ConstraintFn, LossFn, Params, ProjectionFn
 
 Variables = Tensor | Mapping[str, Tensor] | nn.Module
 
 _LONE = "_"  # key of a lone tensor inside the Params dict
-
-
-class BilevelError(ValueError):
-    """Bad input or a numerical failure that bilevel detected (NaN/inf, divergence, wrong shapes)."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

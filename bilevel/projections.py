@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel.problem import BilevelError
+from bilevel.errors import BilevelError
 
 Projection = Callable[[Any], Any]
 """``proj(v) -> v`` for a tensor or a dict of tensors (same names, shapes, dtype and device)."""

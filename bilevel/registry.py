@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from bilevel.problem import BilevelError
+from bilevel.errors import BilevelError
 
 _SOLVERS: dict[str, type] = {}
 T = TypeVar("T", bound=type)

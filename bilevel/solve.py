@@ -17,10 +17,11 @@ from torch import Tensor, nn
 
 from bilevel.callbacks import StepInfo
 from bilevel.data import DataStreams
+from bilevel.errors import BilevelError
 from bilevel.functional import load_into
 from bilevel.history import History
 from bilevel.oracles import count_oracle_calls
-from bilevel.problem import BilevelError, Problem, check_finite
+from bilevel.problem import Problem, check_finite
 from bilevel.registry import make_solver
 from bilevel.types import Params
 

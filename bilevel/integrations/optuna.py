@@ -61,8 +61,9 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 
 from bilevel.callbacks import StepInfo
 from bilevel.data import is_full_batch
+from bilevel.errors import BilevelError
 from bilevel.optim import OPTIMIZERS
-from bilevel.problem import BilevelError, Problem
+from bilevel.problem import Problem
 from bilevel.registry import make_solver, solver_class, solver_options
 from bilevel.solve import Result, solve
 from bilevel.types import Params

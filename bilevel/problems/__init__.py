@@ -10,7 +10,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from bilevel.problem import BilevelError, Problem
+from bilevel.errors import BilevelError
+from bilevel.problem import Problem
 from bilevel.problems.datasets import DatasetUnavailable
 from bilevel.problems.fewshot import fewshot_problem
 from bilevel.problems.hypercleaning import hypercleaning_data, hypercleaning_problem, hypercleaning_small

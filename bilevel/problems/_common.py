@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel.problem import BilevelError
+from bilevel.errors import BilevelError
 from bilevel.types import Params
 
 _LONE = "_"

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bilevel.problem import BilevelError, Problem
+from bilevel.errors import BilevelError
+from bilevel.problem import Problem
 from bilevel.problems._common import as_dtype, detach_params
 from bilevel.problems.datasets import (
     FASHION_MNIST_DIR,

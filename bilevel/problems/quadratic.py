@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel.problem import BilevelError, Problem
+from bilevel.errors import BilevelError
+from bilevel.problem import Problem
 from bilevel.problems._common import as_dtype, outer_of
 
 

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bilevel.errors import BilevelError
 from bilevel.meta import Episode, adaptation_of, meta_params, meta_problem
-from bilevel.problem import BilevelError, Problem
+from bilevel.problem import Problem
 from bilevel.types import Params
 
 

@@ -8,8 +8,9 @@ from torch import Tensor
 
 from bilevel import oracles, tree
 from bilevel.data import DataStreams
+from bilevel.errors import BilevelError
 from bilevel.optim import Optimizer, make_optimizer
-from bilevel.problem import BilevelError, Problem
+from bilevel.problem import Problem
 from bilevel.types import Params
 
 

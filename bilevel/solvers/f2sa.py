@@ -48,8 +48,9 @@ from typing import Any, Literal
 
 from bilevel import oracles, tree
 from bilevel.data import DataStreams
+from bilevel.errors import BilevelError
 from bilevel.optim import sgd
-from bilevel.problem import BilevelError, Problem
+from bilevel.problem import Problem
 from bilevel.registry import register
 from bilevel.solvers.common import inner_step, power_schedule, require_nonnegative_int, require_positive
 from bilevel.types import Params

@@ -22,11 +22,12 @@ import torch
 
 from bilevel import tree
 from bilevel.data import DataStreams
+from bilevel.errors import BilevelError
 from bilevel.hypergrad import Hypergradient, implicit_hypergrad
 from bilevel.linsolve import cg, exact, minres, neumann
 from bilevel.optim import Optimizer, make_optimizer
 from bilevel.precondition import lbfgs_preconditioner, recycle_pairs
-from bilevel.problem import BilevelError, Problem
+from bilevel.problem import Problem
 from bilevel.registry import register
 from bilevel.solvers.common import make_inner_optimizer, outer_update, require_nonnegative_int, require_positive, train_inner
 from bilevel.types import Params

@@ -48,7 +48,8 @@ from torch import Tensor
 
 from bilevel import oracles, tree
 from bilevel.data import DataStreams
-from bilevel.problem import BilevelError, Problem
+from bilevel.errors import BilevelError
+from bilevel.problem import Problem
 from bilevel.registry import register
 from bilevel.solvers.common import power_schedule, require_positive
 from bilevel.types import Params

@@ -20,11 +20,12 @@ from torch import Tensor
 
 from bilevel import oracles, tree
 from bilevel.data import DataStreams
+from bilevel.errors import BilevelError
 from bilevel.hypergrad import Hypergradient
 from bilevel.linsolve import cg
 from bilevel.meta import as_task_data, check_no_running_stats, map_tasks, n_tasks, task_slice
 from bilevel.optim import make_optimizer
-from bilevel.problem import BilevelError, Problem
+from bilevel.problem import Problem
 from bilevel.registry import register
 from bilevel.solvers.common import outer_update, require_nonnegative_int, require_positive
 from bilevel.types import Batch, Params

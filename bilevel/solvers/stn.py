@@ -63,8 +63,9 @@ from torch import Tensor
 
 from bilevel import oracles, tree
 from bilevel.data import DataStreams
+from bilevel.errors import BilevelError
 from bilevel.optim import OPTIMIZERS, Optimizer, make_optimizer
-from bilevel.problem import BilevelError, Problem
+from bilevel.problem import Problem
 from bilevel.registry import register
 from bilevel.solvers.common import inner_step, make_inner_optimizer, outer_update, require_nonnegative_int, require_positive
 from bilevel.stn.space import HyperSpace

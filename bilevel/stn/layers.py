@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bilevel.problem import BilevelError
+from bilevel.errors import BilevelError
 
 V_INIT_STD = 0.01
 

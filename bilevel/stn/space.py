@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from bilevel.problem import BilevelError
+from bilevel.errors import BilevelError
 
 Transform = Literal["identity", "exp", "softplus", "logit", "floor"]
 TRANSFORMS: tuple[str, ...] = ("identity", "exp", "softplus", "logit", "floor")
