@@ -19,6 +19,7 @@ def register(name: str) -> Callable[[T], T]:
         if name in _SOLVERS and _SOLVERS[name] is not cls:
             raise BilevelError(f"register: method name {name!r} is already taken by {_SOLVERS[name].__name__}.")
         _SOLVERS[name] = cls
+        cls.method_name = name  # what error messages call it (the name the user passes to solve)
         return cls
 
     return decorate

@@ -127,14 +127,14 @@ def test_projections_are_applied():
 @pytest.mark.parametrize(
     "options,match",
     [
-        (dict(schedule="fast"), "schedule must be 'auto', 'deterministic'"),
-        (dict(inner_steps=0), "inner_steps must be >= 1"),
-        (dict(inner_steps=2.5), "inner_steps must be an integer"),
+        (dict(schedule="fast"), "schedule='fast' is not valid; expected one of 'auto'"),
+        (dict(inner_steps=0), "inner_steps=0 is not valid; expected an integer >= 1"),
+        (dict(inner_steps=2.5), "inner_steps=2.5 is not valid"),
         (dict(momentum=True, inner_steps=3), "momentum variant takes exactly one inner step"),
-        (dict(penalty0=0.0), "penalty0 must be positive"),
-        (dict(inner_lr=-1.0), "inner_lr must be positive"),
+        (dict(penalty0=0.0), "penalty0=0.0 is not valid; expected a finite number > 0"),
+        (dict(inner_lr=-1.0), r"inner_lr=-1.0 is not valid; expected a finite number > 0"),
         (dict(penalty0=10.0, penalty_max=5.0), r"penalty_max \(5.0\) must be >= penalty0"),
-        (dict(momentum_weight=1.5), r"momentum_weight must be in \(0, 1\]"),
+        (dict(momentum_weight=1.5), r"momentum_weight=1.5 is not valid; expected a finite number > 0 and <= 1"),
         (dict(lr=0.1), "has no option"),
     ],
 )

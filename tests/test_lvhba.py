@@ -135,10 +135,10 @@ def test_stochastic_dataloader():
 @pytest.mark.parametrize(
     "options,match",
     [
-        (dict(penalty_power=0.5), r"penalty_power p must be in \[0, 0.5\)"),
-        (dict(lr=0.0), "lr must be positive"),
-        (dict(gamma1=-1.0), "gamma1 must be positive"),
-        (dict(z_max=0.0), "z_max must be positive"),
+        (dict(penalty_power=0.5), r"penalty_power=0.5 is not valid; expected a finite number >= 0 and < 0.5"),
+        (dict(lr=0.0), r"lr=0.0 is not valid; expected a finite number > 0"),
+        (dict(gamma1=-1.0), r"gamma1=-1.0 is not valid"),
+        (dict(z_max=0.0), r"z_max=0.0 is not valid"),
         (dict(inner_steps=3), "has no option"),
     ],
 )

@@ -88,5 +88,5 @@ def test_unknown_method_and_option():
         bilevel.solve(problem, "nope")
     with pytest.raises(BilevelError, match=r"no option\(s\) \['neuman_terms'\].*neumann_terms"):
         bilevel.solve(problem, "ift", neuman_terms=3)
-    with pytest.raises(BilevelError, match="inner_lr must be positive"):
+    with pytest.raises(BilevelError, match="inner_lr=.* is not valid; expected a finite number > 0"):
         bilevel.solve(problem, "ift", inner_lr=-1.0)

@@ -406,15 +406,16 @@ def test_hyperspace_errors():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"train_steps": 0}, "train_steps and val_steps must be >= 1"),
-    ({"val_steps": -1}, "val_steps must be an integer >= 0"),
-    ({"scale_init": 0.0}, "scale_init must be positive"),
-    ({"entropy_weight": -1.0}, "entropy_weight must be a finite number >= 0"),
-    ({"inner_optimizer": "lbfgs"}, "inner_optimizer must be one of"),
-    ({"inner_momentum": 1.0}, r"inner_momentum must lie in \[0, 1\)"),
+    ({"train_steps": 0}, "train_steps=0 is not valid; expected an integer >= 1"),
+    ({"val_steps": -1}, "val_steps=-1 is not valid"),
+    ({"scale_init": 0.0}, "scale_init=0.0 is not valid"),
+    ({"entropy_weight": -1.0}, "entropy_weight=-1.0 is not valid; expected a finite number >= 0"),
+    ({"inner_optimizer": "lbfgs"}, "inner_optimizer='lbfgs' is not valid; expected one of 'sgd'"),
+    ({"inner_momentum": 1.0}, r"inner_momentum=1.0 is not valid; expected a finite number >= 0 and < 1"),
+    ({"inner_optimizer": "adam", "inner_momentum": 0.9}, "inner_momentum=0.9 applies to inner_optimizer='sgd' only"),
 ])
 def test_solver_setting_errors(kwargs, match):
-    with pytest.raises(BilevelError, match=f"STN: {match}"):
+    with pytest.raises(BilevelError, match=f"stn: {match}"):
         STN(**kwargs)
 
 

@@ -47,8 +47,18 @@ def inner_step(
 
 
 def make_inner_optimizer(name: str, lr: float, momentum: float = 0.0) -> Optimizer:
-    """The inner optimizer by name; ``momentum`` applies to ``"sgd"`` (heavy ball) and is ignored by the others."""
+    """The inner optimizer by name; ``momentum`` is heavy-ball momentum of ``"sgd"`` (see
+    :func:`check_momentum_applies`)."""
     return make_optimizer(name, lr, **({"momentum": momentum} if name == "sgd" else {}))
+
+
+def check_momentum_applies(owner: str, optimizer: str, momentum: float) -> None:
+    """Refuse a momentum for an optimizer that has none of its own (it would be ignored)."""
+    if momentum and optimizer != "sgd":
+        raise BilevelError(
+            f"{owner}: inner_momentum={momentum} applies to inner_optimizer='sgd' only, but inner_optimizer="
+            f"{optimizer!r} (which keeps its own moment estimates); pass inner_momentum=0.0 or inner_optimizer='sgd'."
+        )
 
 
 def outer_update(
@@ -57,20 +67,6 @@ def outer_update(
     r"""λ ← Proj_Λ(Φ(λ, dF/dλ))."""
     outer, opt_state = optimizer.update(outer, hypergrad, opt_state)
     return problem.project_outer(tree.detach(outer)), opt_state
-
-
-def require_positive(owner: str, **values: float) -> None:
-    """Raise naming the first setting that is not > 0."""
-    for name, value in values.items():
-        if not value > 0:
-            raise BilevelError(f"{owner}: {name} must be positive, got {value}.")
-
-
-def require_nonnegative_int(owner: str, **values: int) -> None:
-    """Raise naming the first setting that is not an integer ≥ 0."""
-    for name, value in values.items():
-        if not isinstance(value, int) or value < 0:
-            raise BilevelError(f"{owner}: {name} must be an integer >= 0, got {value!r}.")
 
 
 def power_schedule(base: float, k: int, power: float, offset: float = 1.0) -> float:

@@ -50,9 +50,10 @@ from bilevel import oracles, tree
 from bilevel.data import DataStreams
 from bilevel.errors import BilevelError
 from bilevel.optim import sgd
+from bilevel.options import Options, PositiveFloat, PositiveInt, UnitInterval, owner_name
 from bilevel.problem import Problem
 from bilevel.registry import register
-from bilevel.solvers.common import inner_step, power_schedule, require_nonnegative_int, require_positive
+from bilevel.solvers.common import inner_step, power_schedule
 from bilevel.types import Params
 
 ScheduleName = Literal["auto", "deterministic", "upper_noise", "both_noise"]
@@ -90,7 +91,7 @@ class F2SAState:
 
 @register("f2sa")
 @dataclasses.dataclass(frozen=True)
-class F2SA:
+class F2SA(Options):
     r"""Fully first-order bilevel method with a growing penalty (Kwon et al., 2023).
 
     Settings:
@@ -106,43 +107,28 @@ class F2SA:
         momentum: the STORM variant (see the module docstring); momentum_weight: η₀.
     """
 
-    inner_steps: int | None = None
-    inner_lr: float = 0.1
-    penalty_inner_lr: float | None = None
-    outer_lr: float = 1e-2
-    penalty0: float = 10.0
-    penalty_max: float | None = None
+    inner_steps: PositiveInt | None = None
+    inner_lr: PositiveFloat = 0.1
+    penalty_inner_lr: PositiveFloat | None = None
+    outer_lr: PositiveFloat = 1e-2
+    penalty0: PositiveFloat = 10.0
+    penalty_max: PositiveFloat | None = None
     schedule: ScheduleName = "auto"
-    schedule_offset: float = 10.0
+    schedule_offset: PositiveFloat = 10.0
     momentum: bool = False
-    momentum_weight: float = 0.5
+    momentum_weight: UnitInterval = 0.5
 
-    def __post_init__(self) -> None:
-        owner = "F2SA"
-        if self.inner_steps is not None:
-            require_nonnegative_int(owner, inner_steps=self.inner_steps)
-            if self.inner_steps < 1:
-                raise BilevelError(f"{owner}: inner_steps must be >= 1 (steps on z and y per outer step), got 0.")
-            if self.momentum and self.inner_steps != 1:
-                raise BilevelError(
-                    f"{owner}: the momentum variant takes exactly one inner step per outer step, got "
-                    f"inner_steps={self.inner_steps}; leave inner_steps unset or pass 1."
-                )
-        require_positive(owner, inner_lr=self.inner_lr, outer_lr=self.outer_lr, penalty0=self.penalty0,
-                         schedule_offset=self.schedule_offset)
-        if self.penalty_inner_lr is not None:
-            require_positive(owner, penalty_inner_lr=self.penalty_inner_lr)
+    def check(self) -> None:
+        if self.momentum and self.inner_steps not in (None, 1):
+            raise BilevelError(
+                f"{owner_name(self)}: the momentum variant takes exactly one inner step per outer step, got "
+                f"inner_steps={self.inner_steps}; leave inner_steps unset or pass 1."
+            )
         if self.penalty_max is not None and not self.penalty_max >= self.penalty0:
             raise BilevelError(
-                f"{owner}: penalty_max ({self.penalty_max}) must be >= penalty0 ({self.penalty0}); "
+                f"{owner_name(self)}: penalty_max ({self.penalty_max}) must be >= penalty0 ({self.penalty0}); "
                 "pass penalty_max=penalty0 for a fixed penalty or None for no cap."
             )
-        if self.schedule not in ("auto", *SCHEDULES):
-            raise BilevelError(
-                f"{owner}: schedule must be 'auto', 'deterministic', 'upper_noise' or 'both_noise', got {self.schedule!r}."
-            )
-        if not 0.0 < self.momentum_weight <= 1.0:
-            raise BilevelError(f"{owner}: momentum_weight must be in (0, 1], got {self.momentum_weight}.")
 
     # ----- schedules --------------------------------------------------------------------------------------------
     @property

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import typing
 from typing import Any, Literal
 
 import torch
@@ -26,10 +25,11 @@ from bilevel.errors import BilevelError
 from bilevel.hypergrad import Hypergradient, implicit_hypergrad
 from bilevel.linsolve import cg, exact, minres, neumann
 from bilevel.optim import Optimizer, make_optimizer
+from bilevel.options import Momentum, NonNegativeInt, OptimizerName, Options, PositiveFloat, PositiveInt, owner_name
 from bilevel.precondition import lbfgs_preconditioner, recycle_pairs
 from bilevel.problem import Problem
 from bilevel.registry import register
-from bilevel.solvers.common import make_inner_optimizer, outer_update, require_nonnegative_int, require_positive, train_inner
+from bilevel.solvers.common import check_momentum_applies, make_inner_optimizer, outer_update, train_inner
 from bilevel.types import Params
 
 LinSolveName = Literal["neumann", "cg", "minres", "exact"]
@@ -59,7 +59,7 @@ class ImplicitState:
 
 @register("ift")
 @dataclasses.dataclass(frozen=True)
-class IFT:
+class IFT(Options):
     r"""Implicit-function-theorem hypergradients with a truncated Neumann series for H⁻¹ (Lorraine et al., 2020).
 
     Cost per outer step: ``inner_steps`` gradients + about ``2 + k`` gradient-equivalents for the hypergradient
@@ -73,47 +73,30 @@ class IFT:
     the warm start it takes most of the work off the solve when the Hessian moves slowly between outer steps.
     """
 
-    inner_steps: int = 10
-    inner_lr: float = 0.1
-    inner_optimizer: str = "sgd"
-    inner_momentum: float = 0.0
-    outer_lr: float = 1e-2
-    outer_optimizer: str = "adam"
+    inner_steps: NonNegativeInt = 10
+    inner_lr: PositiveFloat = 0.1
+    inner_optimizer: OptimizerName = "sgd"
+    inner_momentum: Momentum = 0.0
+    outer_lr: PositiveFloat = 1e-2
+    outer_optimizer: OptimizerName = "adam"
     linsolve: LinSolveName = "neumann"
-    neumann_terms: int = 5
-    neumann_alpha: float | None = None
-    cg_maxiter: int = 20
-    cg_rtol: float = 1e-6
+    neumann_terms: NonNegativeInt = 5
+    neumann_alpha: PositiveFloat | None = None
+    cg_maxiter: NonNegativeInt = 20
+    cg_rtol: PositiveFloat = 1e-6
     warm_start: bool = True
     hvp_dtype: HvpDtype | None = None
     cg_preconditioner: PreconditionerName | None = None
-    cg_preconditioner_memory: int = 10
+    cg_preconditioner_memory: PositiveInt = 10
 
-    def __post_init__(self) -> None:
-        owner = type(self).__name__
-        require_nonnegative_int(owner, inner_steps=self.inner_steps, neumann_terms=self.neumann_terms,
-                                cg_maxiter=self.cg_maxiter)
-        require_positive(owner, inner_lr=self.inner_lr, outer_lr=self.outer_lr)
-        if self.neumann_alpha is not None:
-            require_positive(owner, neumann_alpha=self.neumann_alpha)
-        if self.linsolve not in typing.get_args(LinSolveName):
-            raise BilevelError(f"{owner}: linsolve must be one of {typing.get_args(LinSolveName)}, got {self.linsolve!r}.")
-        if self.hvp_dtype is not None:
-            if self.hvp_dtype not in typing.get_args(HvpDtype):
-                raise BilevelError(f"{owner}: hvp_dtype must be one of {typing.get_args(HvpDtype)} or None, "
-                                   f"got {self.hvp_dtype!r}.")
-            if self.linsolve != "cg":
-                raise BilevelError(f"{owner}: hvp_dtype (mixed-precision Hessian-vector products) needs linsolve='cg' "
-                                   f"(its reliable updates keep the accuracy); got linsolve={self.linsolve!r}.")
-        if self.cg_preconditioner is not None:
-            if self.cg_preconditioner not in typing.get_args(PreconditionerName):
-                raise BilevelError(f"{owner}: cg_preconditioner must be one of "
-                                   f"{typing.get_args(PreconditionerName)} or None, got {self.cg_preconditioner!r}.")
-            if self.linsolve != "cg":
-                raise BilevelError(f"{owner}: cg_preconditioner needs linsolve='cg', got linsolve={self.linsolve!r}.")
-        if not (isinstance(self.cg_preconditioner_memory, int) and self.cg_preconditioner_memory >= 1):
-            raise BilevelError(f"{owner}: cg_preconditioner_memory must be an int >= 1, "
-                               f"got {self.cg_preconditioner_memory!r}.")
+    def check(self) -> None:
+        owner = owner_name(self)
+        if self.hvp_dtype is not None and self.linsolve != "cg":
+            raise BilevelError(f"{owner}: hvp_dtype (mixed-precision Hessian-vector products) needs linsolve='cg' "
+                               f"(its reliable updates keep the accuracy); got linsolve={self.linsolve!r}.")
+        if self.cg_preconditioner is not None and self.linsolve != "cg":
+            raise BilevelError(f"{owner}: cg_preconditioner needs linsolve='cg', got linsolve={self.linsolve!r}.")
+        check_momentum_applies(owner, self.inner_optimizer, self.inner_momentum)
 
     # ----- pieces -------------------------------------------------------------------------------------------
     def _optimizers(self) -> tuple[Optimizer, Optimizer]:

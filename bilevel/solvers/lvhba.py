@@ -41,17 +41,17 @@ constrained; no Hessians. ``state.inner`` is y, the lower-level solution selecte
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
 from bilevel import oracles, tree
 from bilevel.data import DataStreams
-from bilevel.errors import BilevelError
+from bilevel.options import Options, PositiveFloat, Range
 from bilevel.problem import Problem
 from bilevel.registry import register
-from bilevel.solvers.common import power_schedule, require_positive
+from bilevel.solvers.common import power_schedule
 from bilevel.types import Params
 
 
@@ -76,7 +76,7 @@ class LVHBAState:
 
 @register("lvhba")
 @dataclasses.dataclass(frozen=True)
-class LVHBA:
+class LVHBA(Options):
     r"""Single-loop, Hessian-free method for bilevel problems with a constrained lower level (Yao et al., 2024).
 
     Settings (the paper's symbols): ``lr`` α (step on (x, y)), ``outer_lr`` a separate step on x (default α, as in
@@ -86,26 +86,15 @@ class LVHBA:
     converges slowly; c̲ between 1 and 10 is much faster (hence the default 1).
     """
 
-    lr: float = 0.01
-    outer_lr: float | None = None
-    prox_lr: float = 0.01
-    z_lr: float = 0.02
-    gamma1: float = 10.0
-    gamma2: float = 10.0
-    penalty0: float = 1.0
-    penalty_power: float = 0.3
-    z_max: float = 1000.0
-
-    def __post_init__(self) -> None:
-        require_positive("LVHBA", lr=self.lr, prox_lr=self.prox_lr, z_lr=self.z_lr, gamma1=self.gamma1,
-                         gamma2=self.gamma2, penalty0=self.penalty0, z_max=self.z_max)
-        if self.outer_lr is not None:
-            require_positive("LVHBA", outer_lr=self.outer_lr)
-        if not 0.0 <= self.penalty_power < 0.5:
-            raise BilevelError(
-                f"LVHBA: penalty_power p must be in [0, 0.5) (c_k = penalty0·(k+1)^p; the analysis needs p < 1/2), "
-                f"got {self.penalty_power}."
-            )
+    lr: PositiveFloat = 0.01
+    outer_lr: PositiveFloat | None = None
+    prox_lr: PositiveFloat = 0.01
+    z_lr: PositiveFloat = 0.02
+    gamma1: PositiveFloat = 10.0
+    gamma2: PositiveFloat = 10.0
+    penalty0: PositiveFloat = 1.0
+    penalty_power: Annotated[float, Range(0.0, 0.5, high_open=True)] = 0.3
+    z_max: PositiveFloat = 1000.0
 
     def penalty(self, k: int) -> float:
         """c_k = c̲ (k + 1)^p."""

@@ -25,9 +25,10 @@ from bilevel.hypergrad import Hypergradient
 from bilevel.linsolve import cg
 from bilevel.meta import as_task_data, check_no_running_stats, map_tasks, n_tasks, task_slice
 from bilevel.optim import make_optimizer
+from bilevel.options import NonNegativeInt, OptimizerName, Options, PositiveFloat, PositiveInt, check_value, owner_name
 from bilevel.problem import Problem
 from bilevel.registry import register
-from bilevel.solvers.common import outer_update, require_nonnegative_int, require_positive
+from bilevel.solvers.common import outer_update
 from bilevel.types import Batch, Params
 
 FALLBACK_RESIDUAL = 1.0
@@ -58,7 +59,7 @@ class MetaState:
 
 
 @dataclasses.dataclass(frozen=True)
-class MetaLearner:
+class MetaLearner(Options):
     """Settings and machinery shared by :class:`MAML` and :class:`IMAML` (not registered itself).
 
     Attributes:
@@ -69,24 +70,17 @@ class MetaLearner:
         task_chunk_size: with ``vectorize``, process this many tasks per batched call (bounds memory); None: all.
     """
 
-    inner_steps: int = 5
-    inner_lr: float | None = 0.01
-    outer_lr: float = 1e-3
-    outer_optimizer: str = "adam"
+    inner_steps: NonNegativeInt = 5
+    inner_lr: PositiveFloat | None = 0.01
+    outer_lr: PositiveFloat = 1e-3
+    outer_optimizer: OptimizerName = "adam"
     vectorize: bool = True
-    task_chunk_size: int | None = None
+    task_chunk_size: PositiveInt | None = None
 
-    def __post_init__(self) -> None:
-        owner = type(self).__name__
-        require_nonnegative_int(owner, inner_steps=self.inner_steps)
-        require_positive(owner, outer_lr=self.outer_lr)
-        if self.inner_lr is not None or not self._auto_inner_lr:
-            if not isinstance(self.inner_lr, (int, float)):
-                raise BilevelError(f"{owner}: inner_lr must be a positive number, got {self.inner_lr!r}.")
-            require_positive(owner, inner_lr=self.inner_lr)
-        if self.task_chunk_size is not None:
-            if not isinstance(self.task_chunk_size, int) or self.task_chunk_size < 1:
-                raise BilevelError(f"{owner}: task_chunk_size must be None or an integer >= 1, got {self.task_chunk_size!r}.")
+    def check(self) -> None:
+        if self.inner_lr is None and not self._auto_inner_lr:
+            raise BilevelError(f"{owner_name(self)}: inner_lr=None is not valid; expected a float > 0. "
+                               "For example inner_lr=0.01.")
 
     # ----- per task (pure; vmapped over tasks) ----------------------------------------------------------------
     def adaptation_grad(self, problem: Problem, outer: Params, inner: Params, support: Batch, buffers: Params) -> Params:
@@ -152,7 +146,7 @@ class MetaLearner:
         support = as_task_data(support, owner, "the support batch")
         _check_structure(owner, problem, outer)
         steps = self.inner_steps if n_steps is None else n_steps
-        require_nonnegative_int(f"{owner}.adapt", n_steps=steps)
+        check_value(f"{owner}.adapt", "n_steps", steps, NonNegativeInt)
         buffers = problem.buffers_init if buffers is None else buffers
 
         def one(theta: Params, s: Batch) -> Params:
@@ -290,20 +284,12 @@ class IMAML(MetaLearner):
     proximal objective (curvature λ + H) stable.
     """
 
-    inner_steps: int = 10
-    inner_lr: float | None = None
-    lam: float = 1.0
-    cg_maxiter: int = 5
+    inner_steps: NonNegativeInt = 10
+    inner_lr: PositiveFloat | None = None
+    lam: PositiveFloat = 1.0
+    cg_maxiter: NonNegativeInt = 5
     cg_fallback: bool = True
-    power_iterations: int = 5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require_positive("IMAML", lam=self.lam)
-        require_nonnegative_int("IMAML", cg_maxiter=self.cg_maxiter)
-        if self.inner_lr is None and (not isinstance(self.power_iterations, int) or self.power_iterations < 1):
-            raise BilevelError(f"IMAML: power_iterations must be an integer >= 1 with inner_lr=None (the curvature-based "
-                               f"step), got {self.power_iterations!r}.")
+    power_iterations: PositiveInt = 5
 
     _reports_residual = True
     _auto_inner_lr = True

@@ -64,10 +64,20 @@ from torch import Tensor
 from bilevel import oracles, tree
 from bilevel.data import DataStreams
 from bilevel.errors import BilevelError
-from bilevel.optim import OPTIMIZERS, Optimizer, make_optimizer
+from bilevel.optim import Optimizer, make_optimizer
+from bilevel.options import (
+    Momentum,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OptimizerName,
+    Options,
+    PositiveFloat,
+    PositiveInt,
+    owner_name,
+)
 from bilevel.problem import Problem
 from bilevel.registry import register
-from bilevel.solvers.common import inner_step, make_inner_optimizer, outer_update, require_nonnegative_int, require_positive
+from bilevel.solvers.common import check_momentum_applies, inner_step, make_inner_optimizer, outer_update
 from bilevel.stn.space import HyperSpace
 from bilevel.types import Batch, Params
 
@@ -101,14 +111,15 @@ class StnState:
 
 @register("stn")
 @dataclasses.dataclass(frozen=True)
-class STN:
+class STN(Options):
     r"""Self-Tuning Networks (MacKay et al., 2019): see the module docstring for the update rules.
 
     Args:
         train_steps: T_train, perturbed training steps of φ per outer step.
         val_steps: T_val, hyperparameter steps of (λ, ρ) per outer step.
         warmup_steps: first outer steps that train φ only.
-        inner_lr / inner_optimizer / inner_momentum: the optimizer of φ (SGD 0.01, momentum 0.9).
+        inner_lr / inner_optimizer / inner_momentum: the optimizer of φ (SGD 0.01 with momentum 0.9; None: 0.9 for
+            SGD, none for the adaptive optimizers, which keep their own moments).
         outer_lr / outer_optimizer: the optimizer of λ and ρ (Adam 3e-3).
         scale_init: σ₀, the initial perturbation scale (in unconstrained units).
         entropy_weight: τ, weight of the perturbation entropy in the validation objective.
@@ -117,40 +128,29 @@ class STN:
             tensor) or one per batch (needed when batches are not tensors with a batch dimension).
     """
 
-    train_steps: int = 2
-    val_steps: int = 1
-    warmup_steps: int = 0
-    inner_lr: float = 0.01
-    inner_optimizer: str = "sgd"
-    inner_momentum: float = 0.9
-    outer_lr: float = 3e-3
-    outer_optimizer: str = "adam"
-    scale_init: float = 0.5
-    entropy_weight: float = 1e-3
+    train_steps: PositiveInt = 2
+    val_steps: PositiveInt = 1
+    warmup_steps: NonNegativeInt = 0
+    inner_lr: PositiveFloat = 0.01
+    inner_optimizer: OptimizerName = "sgd"
+    inner_momentum: Momentum | None = None
+    outer_lr: PositiveFloat = 3e-3
+    outer_optimizer: OptimizerName = "adam"
+    scale_init: PositiveFloat = 0.5
+    entropy_weight: NonNegativeFloat = 1e-3
     tune_scale: bool = True
     per_example: bool = True
 
-    def __post_init__(self) -> None:
-        require_nonnegative_int("STN", train_steps=self.train_steps, val_steps=self.val_steps,
-                                warmup_steps=self.warmup_steps)
-        if self.train_steps < 1 or self.val_steps < 1:
-            raise BilevelError(
-                f"STN: train_steps and val_steps must be >= 1, got {self.train_steps} and {self.val_steps}; "
-                "use warmup_steps to train the best-response network alone."
-            )
-        require_positive("STN", inner_lr=self.inner_lr, outer_lr=self.outer_lr, scale_init=self.scale_init)
-        if not (self.entropy_weight >= 0 and math.isfinite(self.entropy_weight)):
-            raise BilevelError(f"STN: entropy_weight must be a finite number >= 0, got {self.entropy_weight}.")
-        for field in ("inner_optimizer", "outer_optimizer"):
-            name = getattr(self, field)
-            if name not in OPTIMIZERS:
-                raise BilevelError(f"STN: {field} must be one of {sorted(OPTIMIZERS)}, got {name!r}.")
-        if not (0 <= self.inner_momentum < 1):
-            raise BilevelError(f"STN: inner_momentum must lie in [0, 1), got {self.inner_momentum}.")
+    def check(self) -> None:
+        if self.inner_momentum is not None:
+            check_momentum_applies(owner_name(self), self.inner_optimizer, self.inner_momentum)
 
     # ----- pieces -------------------------------------------------------------------------------------------
     def _inner_opt(self) -> Optimizer:
-        return make_inner_optimizer(self.inner_optimizer, self.inner_lr, self.inner_momentum)
+        momentum = self.inner_momentum
+        if momentum is None:  # the paper's heavy ball 0.9 for SGD; the adaptive optimizers keep their own moments
+            momentum = 0.9 if self.inner_optimizer == "sgd" else 0.0
+        return make_inner_optimizer(self.inner_optimizer, self.inner_lr, momentum)
 
     def _outer_opt(self) -> Optimizer:
         return make_optimizer(self.outer_optimizer, self.outer_lr)

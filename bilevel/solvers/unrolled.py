@@ -18,9 +18,10 @@ from bilevel import tree
 from bilevel.data import DataStreams
 from bilevel.hypergrad import Hypergradient, unrolled_hypergrad
 from bilevel.optim import Optimizer, make_optimizer
+from bilevel.options import Momentum, NonNegativeInt, OptimizerName, Options, PositiveFloat
 from bilevel.problem import Problem
 from bilevel.registry import register
-from bilevel.solvers.common import outer_update, require_nonnegative_int, require_positive
+from bilevel.solvers.common import outer_update
 from bilevel.types import Params
 
 
@@ -36,20 +37,16 @@ class UnrolledState:
 
 @register("unrolled")
 @dataclasses.dataclass(frozen=True)
-class Unrolled:
+class Unrolled(Options):
     """Reverse-mode through ``inner_steps`` steps of SGD (with optional momentum) on the inner loss."""
 
-    inner_steps: int = 10
-    inner_lr: float = 0.1
-    inner_momentum: float = 0.0
-    outer_lr: float = 1e-2
-    outer_optimizer: str = "adam"
+    inner_steps: NonNegativeInt = 10
+    inner_lr: PositiveFloat = 0.1
+    inner_momentum: Momentum = 0.0
+    outer_lr: PositiveFloat = 1e-2
+    outer_optimizer: OptimizerName = "adam"
     reset_inner: bool = False
     first_order: bool = False
-
-    def __post_init__(self) -> None:
-        require_nonnegative_int("Unrolled", inner_steps=self.inner_steps)
-        require_positive("Unrolled", inner_lr=self.inner_lr, outer_lr=self.outer_lr)
 
     def inner_optimizer(self) -> Optimizer:
         return make_optimizer("sgd", self.inner_lr, momentum=self.inner_momentum)
