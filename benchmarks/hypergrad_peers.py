@@ -76,6 +76,7 @@ import bilevel
 from bilevel import oracles, tree
 from bilevel.linsolve import cg, minres, neumann, power_iteration
 from bilevel.optim import sgd
+from bilevel.problem import LONE_KEY
 from bilevel.problems.ridge import ridge_data, ridge_hypergrad, ridge_problem, ridge_solution
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -102,7 +103,7 @@ class Case:
     val: tuple[Tensor, Tensor]
     data_loss: Callable[[Tensor, Tensor], Tensor]  # (prediction, target) -> scalar
     problem: bilevel.Problem
-    bl_key: dict[str, str]  # name -> key in bilevel's Params (ridge uses a lone tensor, key "_")
+    bl_key: dict[str, str]  # name -> key in bilevel's Params (ridge uses a lone tensor, key LONE_KEY)
     alpha: float = 0.0  # Neumann / unrolled step size (1/L)
     reference: Tensor | None = None  # accurate hypergradient, flat, float64
     reference_note: str = ""
@@ -185,7 +186,7 @@ def make_ridge_case(dim: int, *, dtype: torch.dtype, device: torch.device, seed:
     module = RidgeModule(cast(w64))
     case = Case(
         name="ridge", label=f"d={dim}, n={n}", module=module, names=["w"], lam={"w": lam}, w={"w": cast(w64)},
-        train=train, val=val, data_loss=half_sq, problem=problem, bl_key={"w": "_"},
+        train=train, val=val, data_loss=half_sq, problem=problem, bl_key={"w": LONE_KEY},
         reference=reference, reference_note=f"closed form; κ(H)={float(eig[-1] / eig[0]):.3g}",
     )
     case.alpha = 1.0 / float(eig[-1])
@@ -880,7 +881,7 @@ def cast_case(case: Case, dtype: torch.dtype) -> Case:
     train = (case.train[0].to(dtype), case.train[1].to(dtype) if case.train[1].is_floating_point() else case.train[1])
     val = (case.val[0].to(dtype), case.val[1].to(dtype) if case.val[1].is_floating_point() else case.val[1])
     outer = {case.bl_key[k]: lam[k] for k in case.names}
-    outer_arg: Any = outer["_"] if "_" in outer else outer
+    outer_arg: Any = outer[LONE_KEY] if LONE_KEY in outer else outer
     inner_arg: Any = case.w["w"].to(dtype) if case.name == "ridge" else module
     problem = dataclasses.replace(case.problem, outer=outer_arg, inner=inner_arg, inner_data=train, outer_data=val)
     return dataclasses.replace(case, module=module, lam=lam, w={k: v.to(dtype) for k, v in case.w.items()},

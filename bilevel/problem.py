@@ -8,6 +8,7 @@ r"""The ``Problem`` type: what to optimize, validated once, exposed as pure func
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -17,11 +18,13 @@ from torch import Tensor, nn
 from bilevel.data import BatchStream
 from bilevel.errors import BilevelError
 from bilevel.functional import ModuleView, split_module
+from bilevel.options import check_value
 from bilevel.types import Batch, ConstraintFn, LossFn, Params, ProjectionFn
 
 Variables = Tensor | Mapping[str, Tensor] | nn.Module
 
-_LONE = "_"  # key of a lone tensor inside the Params dict
+LONE_KEY = "value"
+"""The name a lone tensor (``outer=tensor`` or ``inner=tensor``) gets inside bilevel's dicts of tensors."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -65,15 +68,19 @@ class Problem:
     joint_projection: Callable[[Any, Any], tuple[Any, Any]] | None = None
 
     def __post_init__(self) -> None:
-        if not callable(self.inner_loss) or not callable(self.outer_loss):
-            raise BilevelError("Problem: inner_loss and outer_loss must be callables f(outer, inner, batch) -> scalar.")
-        if self.joint_projection is not None and not callable(self.joint_projection):
-            raise BilevelError(
-                "Problem: joint_projection must be a callable (outer, inner) -> (outer, inner), "
-                f"got {type(self.joint_projection).__name__}."
-            )
-        if self.outer_mode not in ("eval", "train"):
-            raise BilevelError(f"Problem: outer_mode must be 'eval' or 'train', got {self.outer_mode!r}.")
+        for name in ("inner_loss", "outer_loss"):
+            if not callable(getattr(self, name)):
+                raise BilevelError(f"Problem: {name} must be a callable f(outer, inner, batch) -> scalar tensor, "
+                                   f"got {type(getattr(self, name)).__name__}.")
+        for name, form in (("inner_constraints", "g(outer, inner) -> 1-D tensor"),
+                           ("outer_projection", "proj(outer) -> outer"), ("inner_projection", "proj(inner) -> inner"),
+                           ("joint_projection", "proj(outer, inner) -> (outer, inner)")):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise BilevelError(f"Problem: {name} must be None or a callable {form}, got {type(value).__name__}.")
+        check_value("Problem", "outer_mode", self.outer_mode, Literal["eval", "train"], "eval")
+        check_value("Problem", "check_dependencies", self.check_dependencies, bool, True)
+        check_value("Problem", "name", self.name, str, "problem")
         outer, outer_consts, outer_module = _split_variables(self.outer, "outer", need_grad=True)
         inner, inner_consts, inner_module = _split_variables(self.inner, "inner", need_grad=False)
         set_ = object.__setattr__
@@ -83,13 +90,12 @@ class Problem:
         set_(self, "_outer_consts", outer_consts)
         set_(self, "_outer_module", outer_module)
         set_(self, "_inner_module", inner_module)
+        set_(self, "_outer_lone", isinstance(self.outer, Tensor))
+        set_(self, "_inner_lone", isinstance(self.inner, Tensor))
         # Validate the streams' types now; solve() makes its own streams.
         BatchStream(self.inner_data, "inner_data")
         BatchStream(self.outer_data, "outer_data")
-        if self.outer_bounds is not None:
-            lo, hi = self.outer_bounds
-            if lo is not None and hi is not None and lo > hi:
-                raise BilevelError(f"Problem: outer_bounds low {lo} exceeds high {hi}.")
+        _check_bounds(self.outer_bounds)
 
     # The attributes set in __post_init__, declared for type checkers.
     outer_init: Params = dataclasses.field(init=False, repr=False)
@@ -110,13 +116,13 @@ class Problem:
         """``outer`` in the form the user gave: tensor, dict or ModuleView."""
         if self._outer_module is not None:
             return ModuleView(self._outer_module, outer, self._outer_consts, training=True)
-        return outer[_LONE] if _LONE in outer else outer
+        return outer[LONE_KEY] if self._outer_lone else outer
 
     def inner_view(self, inner: Params, buffers: Params | None, training: bool) -> Any:
         """``inner`` in the form the user gave: tensor, dict or ModuleView."""
         if self._inner_module is not None:
             return ModuleView(self._inner_module, inner, self.buffers_init if buffers is None else buffers, training)
-        return inner[_LONE] if _LONE in inner else inner
+        return inner[LONE_KEY] if self._inner_lone else inner
 
     # ----- pure objectives (what the oracles differentiate) ------------------------------------------
     def inner_objective(self, outer: Params, inner: Params, batch: Batch, buffers: Params | None = None) -> Tensor:
@@ -130,7 +136,7 @@ class Problem:
         buffers = self.buffers_init if buffers is None else buffers
         fresh = {k: v.clone() for k, v in buffers.items()}
         loss = self.inner_loss(self.outer_view(outer), self.inner_view(inner, fresh, training=True), batch)
-        return _as_scalar(loss), {k: v.detach() for k, v in fresh.items()}
+        return _loss_value("inner_loss", loss), {k: v.detach() for k, v in fresh.items()}
 
     def outer_objective(self, outer: Params, inner: Params, batch: Batch, buffers: Params | None = None) -> Tensor:
         """L_V(λ, w; batch), inner module in ``outer_mode``."""
@@ -138,7 +144,8 @@ class Problem:
         buffers = self.buffers_init if buffers is None else buffers
         if training:
             buffers = {k: v.clone() for k, v in buffers.items()}
-        return _as_scalar(self.outer_loss(self.outer_view(outer), self.inner_view(inner, buffers, training), batch))
+        loss = self.outer_loss(self.outer_view(outer), self.inner_view(inner, buffers, training), batch)
+        return _loss_value("outer_loss", loss)
 
     def constraints(self, outer: Params, inner: Params, buffers: Params | None = None) -> Tensor:
         """g(λ, w) as a 1-D tensor (feasible where ≤ 0)."""
@@ -148,13 +155,16 @@ class Problem:
                 "pass Problem(inner_constraints=...)."
             )
         g = self.inner_constraints(self.outer_view(outer), self.inner_view(inner, buffers, training=False))
+        if not isinstance(g, Tensor) or g.dim() > 1 or not g.is_floating_point():
+            got = f"a {g.dim()}-d {g.dtype} tensor of shape {tuple(g.shape)}" if isinstance(g, Tensor) else type(g).__name__
+            raise BilevelError(f"Problem: inner_constraints must return a 1-D floating-point tensor g (feasible where "
+                               f"g <= 0), got {got}; stack the constraints with torch.stack([...]).")
         return g.reshape(-1)
 
     def project_outer(self, outer: Params) -> Params:
         """Proj onto the outer feasible set (user projection, then the box)."""
         if self.outer_projection is not None:
-            projected = self.outer_projection(self.outer_view(outer))
-            projected = _as_params(projected)
+            projected = _as_params(self.outer_projection(self.outer_view(outer)), self._outer_lone, "outer_projection")
             _check_same_structure("outer_projection", outer, projected)
             outer = projected
         if self.outer_bounds is not None:
@@ -166,7 +176,8 @@ class Problem:
         """Proj onto the inner feasible set (identity unless ``inner_projection`` is given)."""
         if self.inner_projection is None:
             return inner
-        projected = _as_params(self.inner_projection(self.inner_view(inner, None, training=False)))
+        projected = _as_params(self.inner_projection(self.inner_view(inner, None, training=False)), self._inner_lone,
+                               "inner_projection")
         _check_same_structure("inner_projection", inner, projected)
         return projected
 
@@ -177,18 +188,20 @@ class Problem:
             return self.project_outer(outer), self.project_inner(inner)
         result = self.joint_projection(self.outer_view(outer), self.inner_view(inner, None, training=False))
         if not (isinstance(result, tuple) and len(result) == 2):
-            raise BilevelError("Problem: joint_projection must return a pair (outer, inner).")
-        new_outer, new_inner = _as_params(result[0]), _as_params(result[1])
+            raise BilevelError(f"Problem: joint_projection must return a pair (outer, inner), got {type(result).__name__}.")
+        new_outer = _as_params(result[0], self._outer_lone, "joint_projection (outer)")
+        new_inner = _as_params(result[1], self._inner_lone, "joint_projection (inner)")
         _check_same_structure("joint_projection (outer)", outer, new_outer)
         _check_same_structure("joint_projection (inner)", inner, new_inner)
         return new_outer, new_inner
 
     def outer_to_user(self, outer: Params) -> Any:
         """A solution in the user's form: a lone tensor or a dict."""
-        return outer[_LONE] if _LONE in outer else dict(outer)
+        return outer[LONE_KEY] if self._outer_lone else dict(outer)
 
     def inner_to_user(self, inner: Params) -> Any:
-        return inner[_LONE] if _LONE in inner else dict(inner)
+        """The inner variables in the user's form: a lone tensor or a dict (a module's parameters by name)."""
+        return inner[LONE_KEY] if self._inner_lone else dict(inner)
 
     # ----- validation ---------------------------------------------------------------------------------
     def validate(self, inner_batch: Batch, outer_batch: Batch) -> None:
@@ -247,40 +260,73 @@ def check_finite(what: str, value: Tensor, step: int | None = None) -> None:
         )
 
 
-def _as_scalar(value: Tensor) -> Tensor:
-    """A one-element loss as a 0-d tensor (``validate`` reports anything else)."""
-    return value.reshape(()) if isinstance(value, Tensor) and value.dim() > 0 and value.numel() == 1 else value
-
-
-def _check_scalar(name: str, value: Any) -> Tensor:
+def _loss_value(name: str, value: Any) -> Tensor:
+    """A user's loss as a 0-d floating-point tensor, or a :class:`BilevelError` saying what it returned instead
+    (checked at every evaluation: a loss that changes its output later is caught where it happens)."""
     if not isinstance(value, Tensor):
-        raise BilevelError(f"Problem: {name} must return a torch.Tensor scalar, got {type(value).__name__}.")
+        raise BilevelError(
+            f"Problem: {name} must return a torch.Tensor scalar, got {type(value).__name__}"
+            f"{' ' + _describe(value) if isinstance(value, (tuple, list, dict)) else ''}; return e.g. loss.mean() "
+            "(not loss.item(), a tuple or None)."
+        )
     if value.numel() != 1:
         raise BilevelError(
             f"Problem: {name} must return a scalar, got shape {tuple(value.shape)}; reduce it (e.g. .mean() or .sum())."
         )
     if not value.is_floating_point():
         raise BilevelError(f"Problem: {name} must return a floating-point scalar, got {value.dtype}.")
+    return value.reshape(()) if value.dim() > 0 else value
+
+
+def _check_scalar(name: str, value: Any) -> Tensor:
+    value = _loss_value(name, value)
     check_finite(f"Problem: {name}", value)
     return value
 
 
-def _as_params(x: Any) -> Params:
-    if isinstance(x, Tensor):
-        return {_LONE: x}
+def _as_params(x: Any, lone: bool, what: str) -> Params:
+    """What a projection returned, as a dict of tensors (it must return the form it was given)."""
+    if lone and isinstance(x, Tensor):
+        return {LONE_KEY: x}
     if isinstance(x, ModuleView):
         return dict(x.params)
-    return dict(x)
+    if not lone and isinstance(x, Mapping) and all(isinstance(v, Tensor) for v in x.values()):
+        return dict(x)
+    expected = "a tensor" if lone else "a dict of tensors"
+    raise BilevelError(f"Problem: {what} must return {expected} (the form it was given), got {_describe(x)}.")
+
+
+def _check_bounds(bounds: Any) -> None:
+    """``outer_bounds``: None or a pair (low, high) of numbers or None, low <= high."""
+    if bounds is None:
+        return
+    ok = isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(
+        b is None or (isinstance(b, (int, float)) and not isinstance(b, bool) and not math.isnan(b)) for b in bounds)
+    if not ok:
+        raise BilevelError(
+            f"Problem: outer_bounds must be None or a pair (low, high) of numbers or None, got {bounds!r}; "
+            "e.g. outer_bounds=(-5.0, 5.0) or (0.0, None)."
+        )
+    lo, hi = bounds
+    if lo is not None and hi is not None and lo > hi:
+        raise BilevelError(f"Problem: outer_bounds low {lo} exceeds high {hi}; pass (low, high) with low <= high.")
 
 
 def _check_same_structure(what: str, before: Params, after: Params) -> None:
     if set(before) != set(after):
-        raise BilevelError(f"Problem: {what} changed the variable names from {sorted(before)} to {sorted(after)}.")
+        raise BilevelError(f"Problem: {what} changed the variable names from {sorted(before)} to {sorted(after)}; "
+                           "it must return the same names.")
     for k in before:
-        if after[k].shape != before[k].shape:
+        name = "the tensor" if k == LONE_KEY and len(before) == 1 else repr(k)
+        if after[k].shape != before[k].shape or after[k].dtype != before[k].dtype or after[k].device != before[k].device:
             raise BilevelError(
-                f"Problem: {what} changed the shape of {k!r} from {tuple(before[k].shape)} to {tuple(after[k].shape)}."
+                f"Problem: {what} changed {name} from {_signature(before[k])} to {_signature(after[k])}; a "
+                "projection must keep shapes, dtypes and devices."
             )
+
+
+def _signature(t: Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"
 
 
 def _split_variables(x: Variables, level: str, *, need_grad: bool) -> tuple[Params, Params, nn.Module | None]:
@@ -292,10 +338,10 @@ def _split_variables(x: Variables, level: str, *, need_grad: bool) -> tuple[Para
         variables = {k: v for k, v in params.items() if k in trainable}
         if not variables:
             raise BilevelError(f"Problem: the {level} module has no parameters with requires_grad=True.")
-        _check_float(level, variables)
+        _check_float(level, variables, lone=False)
         return variables, {**buffers, **frozen}, x
     if isinstance(x, Tensor):
-        variables = {_LONE: x}
+        variables = {LONE_KEY: x}
     elif isinstance(x, Mapping):
         if not x:
             raise BilevelError(f"Problem: {level} is an empty dict; give at least one tensor.")
@@ -305,11 +351,11 @@ def _split_variables(x: Variables, level: str, *, need_grad: bool) -> tuple[Para
         variables = dict(x)
     else:
         raise BilevelError(f"Problem: {level} must be a tensor, a dict of tensors or an nn.Module; got {type(x).__name__}.")
-    _check_float(level, variables)
+    _check_float(level, variables, lone=isinstance(x, Tensor))
     if need_grad:
         no_grad = [k for k, v in variables.items() if not v.requires_grad]
         if no_grad:
-            names = "the outer tensor" if no_grad == [_LONE] else f"outer variable(s) {no_grad}"
+            names = "the outer tensor" if isinstance(x, Tensor) else f"outer variable(s) {no_grad}"
             raise BilevelError(
                 f"Problem: {names} has requires_grad=False, but outer variables are what bilevel differentiates; "
                 "create them with requires_grad=True, e.g. torch.zeros(8, requires_grad=True)."
@@ -317,10 +363,10 @@ def _split_variables(x: Variables, level: str, *, need_grad: bool) -> tuple[Para
     return {k: v.detach().clone() for k, v in variables.items()}, {}, None
 
 
-def _check_float(level: str, variables: Params) -> None:
+def _check_float(level: str, variables: Params, *, lone: bool) -> None:
     bad = {k: v.dtype for k, v in variables.items() if not v.is_floating_point()}
     if bad:
-        names = ", ".join(f"{'tensor' if k == _LONE else repr(k)} ({d})" for k, d in bad.items())
+        names = ", ".join(f"{'tensor' if lone else repr(k)} ({d})" for k, d in bad.items())
         raise BilevelError(
             f"Problem: {level} variables must be floating point to be differentiated; got {names}. "
             "Use .float() or .double()."

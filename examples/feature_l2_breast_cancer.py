@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     t0 = time.perf_counter()
     best = (float("inf"), None, None)
     for log_lam in torch.linspace(-10, 1, 23):
-        outer = {"_": torch.full((splits.train.x.shape[1],), float(log_lam))}
+        outer = {"value": torch.full((splits.train.x.shape[1],), float(log_lam))}
         inner = solve_inner(problem, outer, problem.inner_init, splits.train.astuple())
         val_loss = float(logistic_loss(inner, val))
         if val_loss < best[0]:

@@ -51,7 +51,7 @@ def main() -> None:
 
     def fit(lam: torch.Tensor) -> dict[str, torch.Tensor]:
         """w*(λ) to ‖∇_w L_T‖ ≤ 1e-4 (L-BFGS, one Newton–CG polish)."""
-        return solve_inner(problem, {"_": lam.detach()}, problem.inner_init, train, maxiter=200, gtol=1e-8, newton_steps=1)
+        return solve_inner(problem, {"value": lam.detach()}, problem.inner_init, train, maxiter=200, gtol=1e-8, newton_steps=1)
 
     def val_loss(lam: torch.Tensor) -> float:
         return float(logistic_loss(fit(lam), val))
@@ -60,7 +60,7 @@ def main() -> None:
 
     # ----- no search: the problem's initial λ_j = -2 and a single default bilevel run ------------------------------
     t0 = time.perf_counter()
-    lam0 = problem.outer_init["_"]
+    lam0 = problem.outer_init["value"]
     rows.append(("no search (λ_j = -2)", 1, 0, val_loss(lam0), evaluate(fit(lam0)), time.perf_counter() - t0))
     t0 = time.perf_counter()
     single = bilevel.solve(problem, "ift", maxiter=args.maxiter, seed=args.seed)

@@ -22,7 +22,7 @@ SMALL = ["-P", "inner_dim=20", "-P", "outer_dim=4", "--no-progress"]
 
 def _initial_gap() -> float:
     problem, evaluate = make_problem("quadratic", inner_dim=20, outer_dim=4)
-    return evaluate(problem.outer_init["_"])["F_gap"]
+    return evaluate(problem.outer_init["value"])["F_gap"]
 
 
 def test_run_prints_json_with_metrics(capsys):

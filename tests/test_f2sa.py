@@ -121,7 +121,7 @@ def test_projections_are_applied():
     result = solve(boxed, "f2sa", maxiter=20, **FAST)
     assert float(result.outer.abs().max()) <= 0.1 + 1e-12
     assert float(result.inner.abs().max()) <= 0.2 + 1e-12
-    assert float(result.state.penalty_inner["_"].abs().max()) <= 0.2 + 1e-12
+    assert float(result.state.penalty_inner["value"].abs().max()) <= 0.2 + 1e-12
 
 
 @pytest.mark.parametrize(

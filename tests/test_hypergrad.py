@@ -16,11 +16,11 @@ from bilevel.problems.ridge import ridge_data, ridge_hypergrad, ridge_problem
 def ridge_setup(dtype=torch.float64, device="cpu", dim=8):
     train, val = ridge_data(dim=dim, dtype=dtype, device=device)
     problem = ridge_problem(train, val)
-    lam = {"_": torch.linspace(-1.0, 1.0, dim, dtype=dtype, device=device)}
+    lam = {"value": torch.linspace(-1.0, 1.0, dim, dtype=dtype, device=device)}
     w = solve_inner(problem, lam, problem.inner_init, train) if dtype == torch.float64 else None
     if w is None:  # float32: solve in float64, cast (L-BFGS in float32 stalls around 1e-6)
         p64 = ridge_problem(*ridge_data(dim=dim, dtype=torch.float64, device=device))
-        w = {"_": solve_inner(p64, {"_": lam["_"].double()}, p64.inner_init, p64.inner_data)["_"].to(dtype)}
+        w = {"value": solve_inner(p64, {"value": lam["value"].double()}, p64.inner_init, p64.inner_data)["value"].to(dtype)}
     return problem, train, val, lam, w
 
 
@@ -32,25 +32,25 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_cg_and_exact_match_ridge_closed_form(dtype, tol, device):
     """Closed form dL_V/dλ_j = −e^{λ_j} w*_j (H⁻¹X_vᵀ(X_v w* − y_v))_j; ≤1e-6 relative in float64."""
     problem, train, val, lam, w = ridge_setup(dtype, device)
-    reference = ridge_hypergrad(train, val, lam["_"])
+    reference = ridge_hypergrad(train, val, lam["value"])
     for solve in (functools.partial(cg, maxiter=50, rtol=1e-12), exact):
         hg = implicit_hypergrad(problem, lam, w, inner_batch=train, outer_batch=val, solve=solve)
-        assert rel_err(hg.hypergrad["_"], reference) <= tol
+        assert rel_err(hg.hypergrad["value"], reference) <= tol
         assert float(hg.linsolve.residual) <= (1e-9 if dtype == torch.float64 else 1e-3)
 
 
 def test_neumann_error_falls_with_terms():
     """Neumann with α = 1/λ_max(H): the error against the closed form falls monotonically with the number of terms."""
     problem, train, val, lam, w = ridge_setup()
-    reference = ridge_hypergrad(train, val, lam["_"])
+    reference = ridge_hypergrad(train, val, lam["value"])
     x = train[0]
-    h = x.T @ x + torch.diag(lam["_"].exp())
+    h = x.T @ x + torch.diag(lam["value"].exp())
     alpha = float(1.0 / torch.linalg.eigvalsh(h).max())
     errors = []
     for terms in (0, 1, 5, 20, 200):
         hg = implicit_hypergrad(problem, lam, w, inner_batch=train, outer_batch=val,
                                 solve=functools.partial(neumann, alpha=alpha, maxiter=terms))
-        errors.append(rel_err(hg.hypergrad["_"], reference))
+        errors.append(rel_err(hg.hypergrad["value"], reference))
     assert all(e1 > e2 for e1, e2 in zip(errors, errors[1:])), errors
     assert errors[0] > 0.1 and errors[-1] < 1e-6, errors
 
@@ -71,13 +71,13 @@ def test_unrolled_matches_linear_closed_form():
         inner_loss=lambda lam, w, _: 0.5 * w @ a @ w - w @ (b @ lam),
         outer_loss=lambda lam, w, _: 0.5 * ((w - c) ** 2).sum(),
     )
-    lam = {"_": lam0.detach()}
-    hg = unrolled_hypergrad(problem, lam, {"_": w0}, inner_batches=[None] * steps, outer_batch=None, optimizer=sgd(lr))
+    lam = {"value": lam0.detach()}
+    hg = unrolled_hypergrad(problem, lam, {"value": w0}, inner_batches=[None] * steps, outer_batch=None, optimizer=sgd(lr))
     mm = torch.eye(d, dtype=torch.float64) - lr * a
     jac = sum(torch.linalg.matrix_power(mm, t) @ (lr * b) for t in range(steps))
-    w_t = torch.linalg.matrix_power(mm, steps) @ w0 + jac @ lam["_"]
-    torch.testing.assert_close(hg.inner["_"], w_t, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(hg.hypergrad["_"], jac.T @ (w_t - c), rtol=1e-10, atol=1e-12)
+    w_t = torch.linalg.matrix_power(mm, steps) @ w0 + jac @ lam["value"]
+    torch.testing.assert_close(hg.inner["value"], w_t, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(hg.hypergrad["value"], jac.T @ (w_t - c), rtol=1e-10, atol=1e-12)
 
 
 def test_oracles_match_dense_autograd_hessian():
@@ -87,25 +87,25 @@ def test_oracles_match_dense_autograd_hessian():
     weight = torch.randn(5, dtype=torch.float64)
 
     def lt(lam_, w_):
-        return problem.inner_objective({"_": lam_}, {"_": w_}, train) + (weight * w_.sin() * lam_.cos()).sum()
+        return problem.inner_objective({"value": lam_}, {"value": w_}, train) + (weight * w_.sin() * lam_.cos()).sum()
 
-    nonquadratic = Problem(outer=lam["_"].clone().requires_grad_(), inner=w["_"].clone(),
+    nonquadratic = Problem(outer=lam["value"].clone().requires_grad_(), inner=w["value"].clone(),
                            inner_loss=lambda l_, w_, b: lt(l_, w_), outer_loss=lambda l_, w_, b: (w_**2).sum())
-    h = torch.autograd.functional.hessian(lt, (lam["_"], w["_"]))
+    h = torch.autograd.functional.hessian(lt, (lam["value"], w["value"]))
     h_ww, h_lw = h[1][1], h[0][1]  # ∂²/∂w∂w and ∂²/∂λ∂w
     v = torch.randn(5, dtype=torch.float64)
     vs = torch.randn(3, 5, dtype=torch.float64)
     lin = Linearization(nonquadratic, lam, w, None)
-    torch.testing.assert_close(hvp(nonquadratic, lam, w, None, {"_": v})["_"], h_ww @ v)
-    torch.testing.assert_close(lin.hvp({"_": v})["_"], h_ww @ v)
-    torch.testing.assert_close(lin.hvp({"_": vs}, batched=True)["_"], vs @ h_ww.T)
-    torch.testing.assert_close(mixed_vjp(nonquadratic, lam, w, None, {"_": v})["_"], h_lw @ v)
-    torch.testing.assert_close(lin.mixed_vjp({"_": v})["_"], h_lw @ v)
-    value, directional = jvp_inner(nonquadratic, lam, w, None, {"_": v})
-    grad_w = torch.autograd.functional.jacobian(lambda w_: lt(lam["_"], w_), w["_"])
-    torch.testing.assert_close(value, lt(lam["_"], w["_"]))
+    torch.testing.assert_close(hvp(nonquadratic, lam, w, None, {"value": v})["value"], h_ww @ v)
+    torch.testing.assert_close(lin.hvp({"value": v})["value"], h_ww @ v)
+    torch.testing.assert_close(lin.hvp({"value": vs}, batched=True)["value"], vs @ h_ww.T)
+    torch.testing.assert_close(mixed_vjp(nonquadratic, lam, w, None, {"value": v})["value"], h_lw @ v)
+    torch.testing.assert_close(lin.mixed_vjp({"value": v})["value"], h_lw @ v)
+    value, directional = jvp_inner(nonquadratic, lam, w, None, {"value": v})
+    grad_w = torch.autograd.functional.jacobian(lambda w_: lt(lam["value"], w_), w["value"])
+    torch.testing.assert_close(value, lt(lam["value"], w["value"]))
     torch.testing.assert_close(directional, grad_w @ v)
-    batched = torch.func.vmap(lambda vv: hvp(nonquadratic, lam, w, None, {"_": vv})["_"])(vs)
+    batched = torch.func.vmap(lambda vv: hvp(nonquadratic, lam, w, None, {"value": vv})["value"])(vs)
     torch.testing.assert_close(batched, vs @ h_ww.T)
 
 
@@ -120,8 +120,8 @@ def test_parameters_unused_by_a_loss_get_zero_gradients():
         outer_loss=lambda lam, p, batch: base.outer_loss(lam, p["w"], batch),
         inner_data=train, outer_data=val,
     )
-    lam = {"_": torch.zeros(4, dtype=torch.float64)}
+    lam = {"value": torch.zeros(4, dtype=torch.float64)}
     w = solve_inner(problem, lam, problem.inner_init, train)
     hg = implicit_hypergrad(problem, lam, w, inner_batch=train, outer_batch=val, solve=exact)
-    torch.testing.assert_close(hg.hypergrad["_"], ridge_hypergrad(train, val, lam["_"]), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(hg.hypergrad["value"], ridge_hypergrad(train, val, lam["value"]), rtol=1e-6, atol=1e-9)
     assert tree.norm({"u": hg.linsolve.x["unused"]}) < 1e-12

@@ -150,12 +150,12 @@ def test_bad_settings_raise(options, match):
 def test_bad_joint_projection_raises():
     problem = toy_problem()
     for bad, match in [(lambda x, y: x, "must return a pair"),
-                       (lambda x, y: (x[:3], y), r"joint_projection \(outer\) changed the shape")]:
+                       (lambda x, y: (x[:3], y), r"joint_projection \(outer\) changed the tensor from \(10,\)")]:
         broken = Problem(outer=problem.outer, inner=problem.inner, inner_loss=problem.inner_loss,
                          outer_loss=problem.outer_loss, inner_constraints=problem.inner_constraints, joint_projection=bad)
         with pytest.raises(BilevelError, match=match):
             solve(broken, "lvhba", maxiter=1)
-    with pytest.raises(BilevelError, match="joint_projection must be a callable"):
+    with pytest.raises(BilevelError, match="joint_projection must be None or a callable"):
         Problem(outer=problem.outer, inner=problem.inner, inner_loss=problem.inner_loss,
                 outer_loss=problem.outer_loss, joint_projection=3)
 

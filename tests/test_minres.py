@@ -54,7 +54,7 @@ def test_minres_hypergradient_matches_ridge_closed_form():
     problem, train, val, lam, w = ridge_setup(torch.float64)
     hg = implicit_hypergrad(problem, lam, w, inner_batch=train, outer_batch=val,
                             solve=functools.partial(minres, maxiter=50, rtol=1e-12))
-    assert rel_err(hg.hypergrad["_"], ridge_hypergrad(train, val, lam["_"])) <= 1e-6
+    assert rel_err(hg.hypergrad["value"], ridge_hypergrad(train, val, lam["value"])) <= 1e-6
 
 
 def _indefinite_network_problem():

@@ -86,15 +86,15 @@ def test_hvp_dtype_hypergradient_matches_ridge_closed_form(dtype, hvp_dtype, tol
     """Same tolerance as the working-precision solve: float64 with float32 products to 1e-8 (closed form),
     float32 with bfloat16 products to 2e-3 (test_hypergrad's float32 tolerance)."""
     problem, train, val, lam, w = ridge_setup(dtype, device)
-    reference = ridge_hypergrad(train, val, lam["_"])
+    reference = ridge_hypergrad(train, val, lam["value"])
     solve = functools.partial(cg, maxiter=200, rtol=1e-12 if dtype == torch.float64 else 1e-5)
     hg = implicit_hypergrad(problem, lam, w, inner_batch=train, outer_batch=val, solve=solve, hvp_dtype=hvp_dtype)
-    assert hg.hypergrad["_"].dtype == dtype
-    assert rel_err(hg.hypergrad["_"], reference) <= tol
+    assert hg.hypergrad["value"].dtype == dtype
+    assert rel_err(hg.hypergrad["value"], reference) <= tol
     # exact uses the working-precision operator: identical to the call without hvp_dtype
     plain = implicit_hypergrad(problem, lam, w, inner_batch=train, outer_batch=val, solve=exact)
     mixed = implicit_hypergrad(problem, lam, w, inner_batch=train, outer_batch=val, solve=exact, hvp_dtype=hvp_dtype)
-    assert torch.equal(plain.hypergrad["_"], mixed.hypergrad["_"])
+    assert torch.equal(plain.hypergrad["value"], mixed.hypergrad["value"])
 
 
 def test_hvp_dtype_errors():

@@ -134,7 +134,7 @@ def test_hybrid_stores_outer_as_json_and_replays(ridge, tmp_path):
     problem = ridge_problem(train, val)
     for t in trials:
         json.dumps(t.user_attrs)
-        assert isinstance(t.user_attrs[OUTER_ATTR]["_"], list) and len(t.user_attrs[OUTER_ATTR]["_"]) == 8
+        assert isinstance(t.user_attrs[OUTER_ATTR]["value"], list) and len(t.user_attrs[OUTER_ATTR]["value"]) == 8
         lam = load_outer(t, problem)
         ref = bilevel.solve(problem, t.params["method"], maxiter=8, seed=0, inner_lr=0.005, inner_steps=20,
                             outer_lr=t.params["outer_lr"])
@@ -185,7 +185,7 @@ def test_pruning_callback_with_callable_metric(ridge):
     seen = []
 
     def lam_sq(info):
-        value = float((info.state.outer["_"] ** 2).sum())
+        value = float((info.state.outer["value"] ** 2).sum())
         seen.append(value)
         return value
 
@@ -299,7 +299,7 @@ def test_two_worker_processes_share_one_sqlite_study(tmp_path):
     assert sorted(t.number for t in trials) == list(range(8))
     assert all(t.state == TrialState.COMPLETE for t in trials), logs(tmp_path)
     assert sorted(t.user_attrs["worker"] for t in trials) == ["A"] * 4 + ["B"] * 4
-    assert all(len(t.user_attrs[OUTER_ATTR]["_"]) == 8 for t in trials)
+    assert all(len(t.user_attrs[OUTER_ATTR]["value"]) == 8 for t in trials)
 
 
 def test_killed_worker_trial_is_failed_and_retried_sqlite(tmp_path):

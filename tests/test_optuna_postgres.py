@@ -100,7 +100,7 @@ def test_workers_share_a_postgres_study(postgres_url, tmp_path):
     assert sorted(t.number for t in trials) == list(range(6))
     assert all(t.state == TrialState.COMPLETE for t in trials), logs(tmp_path)
     assert sorted(t.user_attrs["worker"] for t in trials) == ["A"] * 3 + ["B"] * 3
-    assert all(len(t.user_attrs[OUTER_ATTR]["_"]) == 8 for t in trials)
+    assert all(len(t.user_attrs[OUTER_ATTR]["value"]) == 8 for t in trials)
 
 
 def test_killed_worker_trial_is_failed_and_retried_postgres(postgres_url, tmp_path):

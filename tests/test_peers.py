@@ -111,7 +111,7 @@ def test_unrolled_matches_higher_ridge(name):
     w0 = 0.1 * torch.arange(6, dtype=torch.float64)
     lr = 0.01  # below 2/λ_max(X_tᵀX_t + diag e^λ) for this data
     momentum = {"sgd": 0.0, "sgd-momentum": 0.9}[name]
-    hg = bilevel.unrolled_hypergrad(problem, {"_": lam}, {"_": w0}, inner_batches=[train] * K, outer_batch=val,
+    hg = bilevel.unrolled_hypergrad(problem, {"value": lam}, {"value": w0}, inner_batches=[train] * K, outer_batch=val,
                                     optimizer=sgd(lr, momentum=momentum))
     module = _Ridge(w0)
     x, y = train
@@ -122,7 +122,7 @@ def test_unrolled_matches_higher_ridge(name):
     (ref,) = _higher_hypergrad(module, [lam], inner_fn, lambda fm: 0.5 * ((fm(val[0]) - val[1]) ** 2).sum(),
                                torch.optim.SGD(module.parameters(), lr=lr, momentum=momentum), K)
     assert ref.abs().max() > 1e-6
-    diff = float((hg.hypergrad["_"] - ref).abs().max())
+    diff = float((hg.hypergrad["value"] - ref).abs().max())
     assert diff <= 1e-6
     assert diff <= 1e-6 * float(ref.abs().max())
 

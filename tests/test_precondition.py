@@ -134,13 +134,13 @@ def test_warm_start_and_mixed_precision_compose_with_the_preconditioner():
 def test_ridge_hypergradient_with_preconditioned_cg_matches_closed_form():
     """implicit_hypergrad with a recycled preconditioner (pairs from the same point's first solve): ≤ 1e-6 (float64)."""
     problem, train, val, lam, w = ridge_setup(torch.float64)
-    reference = ridge_hypergrad(train, val, lam["_"])
+    reference = ridge_hypergrad(train, val, lam["value"])
     first = implicit_hypergrad(problem, lam, w, inner_batch=train, outer_batch=val,
                                solve=functools.partial(cg, maxiter=3, rtol=0.0, record_pairs=3))
     assert len(first.linsolve.pairs) == 3
     solve = functools.partial(cg, maxiter=50, rtol=1e-12, preconditioner=lbfgs_preconditioner(first.linsolve.pairs))
     hg = implicit_hypergrad(problem, lam, w, inner_batch=train, outer_batch=val, solve=solve)
-    assert rel_err(hg.hypergrad["_"], reference) <= 1e-6
+    assert rel_err(hg.hypergrad["value"], reference) <= 1e-6
 
 
 def test_solve_cg_with_lbfgs_preconditioner_follows_the_plain_run_with_fewer_iterations():

@@ -46,9 +46,9 @@ def test_quadratic_closed_form_hypergrad_matches_implicit(quad, rule):
         lam = torch.randn(quad.outer_dim, generator=gen, dtype=torch.float64)
         w = quad.inner_solution(lam)
         solve = bilevel.exact if rule == "exact" else functools.partial(bilevel.cg, rtol=1e-13, maxiter=500)
-        hg = bilevel.implicit_hypergrad(problem, {"_": lam}, {"_": w}, inner_batch=problem.inner_data,
+        hg = bilevel.implicit_hypergrad(problem, {"value": lam}, {"value": w}, inner_batch=problem.inner_data,
                                         outer_batch=problem.outer_data, solve=solve)
-        torch.testing.assert_close(hg.hypergrad["_"], quad.hypergrad(lam), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(hg.hypergrad["value"], quad.hypergrad(lam), rtol=1e-6, atol=1e-9)
 
 
 def test_quadratic_closed_form_hypergrad_matches_finite_differences(quad):
@@ -62,10 +62,10 @@ def test_quadratic_closed_form_hypergrad_matches_finite_differences(quad):
 def test_quadratic_optimum_is_stationary_for_bilevel_and_approached_by_cg(quad):
     problem, evaluate = quadratic_problem(quad)
     lam_star, f_star = quad.optimum()
-    hg = bilevel.implicit_hypergrad(problem, {"_": lam_star}, {"_": quad.inner_solution(lam_star)},
+    hg = bilevel.implicit_hypergrad(problem, {"value": lam_star}, {"value": quad.inner_solution(lam_star)},
                                     inner_batch=problem.inner_data, outer_batch=problem.outer_data, solve=bilevel.exact)
     scale = float(torch.linalg.vector_norm(quad.hypergrad(torch.zeros_like(lam_star))))
-    assert float(torch.linalg.vector_norm(hg.hypergrad["_"])) < 1e-10 * scale  # ∇F(λ*) = 0 by bilevel's own rule
+    assert float(torch.linalg.vector_norm(hg.hypergrad["value"])) < 1e-10 * scale  # ∇F(λ*) = 0 by bilevel's own rule
     gen = torch.Generator().manual_seed(4)
     for _ in range(3):  # F is convex: λ* is its minimum
         assert float(quad.value(lam_star + 1e-2 * torch.randn(quad.outer_dim, generator=gen, dtype=torch.float64))) > f_star
@@ -116,7 +116,7 @@ def test_hypercleaning_small_data(small):
 def test_hypercleaning_small_solve_lowers_the_bilevel_objective(small):
     problem, evaluate = hypercleaning_problem(small, reg=1e-3)
     s = small.splits
-    lam0 = problem.outer_init["_"]
+    lam0 = problem.outer_init["value"]
 
     def f(lam):  # F(λ) = L_V(w*(λ)), w* by L-BFGS on the weighted training loss
         w = fit_classifier(s.train.x, s.train.y, torch.sigmoid(lam), reg=1e-3, maxiter=100)
@@ -133,7 +133,7 @@ def test_hypercleaning_small_solve_lowers_the_bilevel_objective(small):
 
 def test_hypercleaning_digits_fallback_builds():
     problem, evaluate = hypercleaning_small(source="digits", p=0.7, seed=1, dtype="float64")
-    assert problem.outer_init["_"].shape == (900,)
+    assert problem.outer_init["value"].shape == (900,)
     assert problem.inner_init["W"].shape == (64, 10) and problem.inner_init["W"].dtype == torch.float64
     assert 0.0 <= evaluate({"W": problem.inner_init["W"], "b": problem.inner_init["b"]})["test_accuracy"] <= 1.0
 
@@ -212,7 +212,7 @@ def test_spam_from_kernlab():
     n_spam = sum(float(s.y.sum()) for s in (splits.train, splits.val, splits.test))
     assert n_spam == 1813
     problem, evaluate = make_problem("logreg_l2_spam", seed=0)
-    assert problem.outer_init["_"].shape == (57,)
+    assert problem.outer_init["value"].shape == (57,)
 
 
 # ----- registry ------------------------------------------------------------------------------------------------
@@ -225,4 +225,4 @@ def test_registry_names_and_options():
     with pytest.raises(bilevel.BilevelError, match="has no option.*kappa.*its options are cond"):
         make_problem("quadratic", kappa=3)
     problem, evaluate = make_problem("quadratic", inner_dim=12, outer_dim=3, dtype="float32")
-    assert problem.outer_init["_"].dtype == torch.float32 and problem.inner_init["_"].shape == (12,)
+    assert problem.outer_init["value"].dtype == torch.float32 and problem.inner_init["value"].shape == (12,)

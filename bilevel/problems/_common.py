@@ -8,14 +8,13 @@ import torch
 from torch import Tensor
 
 from bilevel.errors import BilevelError
+from bilevel.problem import LONE_KEY
 from bilevel.types import Params
-
-_LONE = "_"
 
 
 def outer_of(solution: Any) -> Any:
     """The outer variables λ of ``solution``: a :class:`bilevel.Result` (``outer``), a solver state (``outer``,
-    a dict with the lone key ``"_"`` for a tensor) or λ itself (a tensor or a dict of tensors)."""
+    a dict with the lone key ``"value"`` for a tensor) or λ itself (a tensor or a dict of tensors)."""
     return _unwrap(_pick(solution, "outer"))
 
 
@@ -38,8 +37,8 @@ def _pick(solution: Any, level: str) -> Any:
 
 
 def _unwrap(value: Any) -> Any:
-    if isinstance(value, dict) and set(value) == {_LONE}:
-        return value[_LONE]
+    if isinstance(value, dict) and set(value) == {LONE_KEY}:
+        return value[LONE_KEY]
     return value
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bilevel.errors import BilevelError
-from bilevel.problem import Problem
+from bilevel.problem import LONE_KEY, Problem
 from bilevel.problems._common import as_dtype, detach_params
 from bilevel.problems.datasets import (
     FASHION_MNIST_DIR,
@@ -276,7 +276,7 @@ def hypercleaning_problem(
             out = {"test_accuracy": accuracy(inner, s.test),
                    "test_loss": float(F.cross_entropy(logits(inner, s.test.x), s.test.y))}
         if lam is not None:
-            lam_t = lam["_"] if isinstance(lam, dict) else lam
+            lam_t = lam[LONE_KEY] if isinstance(lam, dict) else lam
             out.update(detection_scores(lam_t, data.corrupted, float(outer_init)))
         return out
 

@@ -258,7 +258,7 @@ def _named_scalars(prefix: str, values: Params) -> dict[str, Tensor]:
     """{``prefix/name``: value} for scalars, {``prefix/name/i``: value_i} for the entries of vectors."""
     out: dict[str, Tensor] = {}
     for k, v in values.items():
-        name = "value" if k == "_" else k
+        name = k
         v = v.detach()
         if v.numel() == 1:
             out[f"{prefix}/{name}"] = v.reshape(())
