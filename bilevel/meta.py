@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
+from bilevel.data import callable_state, load_callable_state
 from bilevel.errors import BilevelError
 from bilevel.problem import Problem
 from bilevel.types import Batch, Params
@@ -188,6 +189,18 @@ class EpisodeStream:
             self._served = {"support": False, "query": False}
         self._served[side] = True
         return self._episode[0] if side == "support" else self._episode[1]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's state (see :func:`bilevel.data.callable_state`), the current episode and which halves of it
+        were served: what a checkpoint needs to serve the same episodes after a resume."""
+        episode = None if self._episode is None else (self._episode[0].data, self._episode[1].data)
+        return {"sampler": callable_state(self.sampler), "episode": episode, "served": dict(self._served)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_callable_state(self.sampler, state["sampler"], "checkpoint: EpisodeStream sampler")
+        episode = state["episode"]
+        self._episode = None if episode is None else (TaskBatch(episode[0]), TaskBatch(episode[1]))
+        self._served = dict(state["served"])
 
     def support(self) -> TaskBatch:
         """The support half of the current episode (drawing a new one when it was served already)."""

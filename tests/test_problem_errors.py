@@ -75,7 +75,7 @@ def test_projection_must_keep_shapes():
 
 
 def test_bad_data_type_and_constraints_shape():
-    with pytest.raises(TypeError, match="inner_data must be a batch"):
+    with pytest.raises(BilevelError, match="inner_data must be a batch"):
         make(inner_data=3.0)
     problem = make(inner_constraints=lambda lam, w: torch.zeros(2, 2))
     with pytest.raises(BilevelError, match="1-D tensor"):
