@@ -160,9 +160,10 @@ def unrolled_hypergrad(
     r"""Reverse-mode hypergradient through ``len(inner_batches)`` steps of ``optimizer`` on L_T, started at ``inner``.
 
     .. math::
-        w_0 = w,\ w_t = \Phi(w_{t-1}, \nabla_w L_T(\lambda, w_{t-1}; B_t)),\quad
+        w_0 = w,\ w_t = P(\Phi(w_{t-1}, \nabla_w L_T(\lambda, w_{t-1}; B_t))),\quad
         \frac{dF}{d\lambda} = \frac{d}{d\lambda} L_V(\lambda, w_T).
 
+    P is the problem's ``inner_projection`` (the identity without one), differentiated through like every step.
     ``first_order=True`` drops the second-order terms (the inner gradients are treated as constants of λ, as in
     first-order MAML): the result is then only ∂_λ L_V plus whatever λ reaches through Φ directly.
     """
@@ -174,6 +175,7 @@ def unrolled_hypergrad(
             problem, lam, w, batch, buffers, create_graph=not first_order
         )
         w, state = optimizer.update(w, g, state)
+        w = problem.project_inner(w)  # differentiated through (the identity without inner_projection)
     outer_loss = problem.outer_objective(lam, w, outer_batch, buffers)
     hypergrad = oracles.backprop(outer_loss, lam)
     return Hypergradient(

@@ -22,7 +22,7 @@ import math
 import types
 import typing
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from bilevel.errors import BilevelError
 
@@ -177,6 +177,9 @@ def check_arguments(owner: str, fn: Callable[..., Any], values: dict[str, Any]) 
 class Options:
     """Base of the solvers' settings dataclasses: every field is checked against its annotation when the
     solver is built; subclasses add checks that involve several fields in :meth:`check`."""
+
+    problem_inputs: ClassVar[frozenset[str]] = frozenset({"inner_projection"})
+    """Optional :class:`~bilevel.Problem` inputs this method honours (``solve`` refuses the others)."""
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -194,6 +194,14 @@ def linearize_grad_inner(
     return g, products
 
 
+def projection_vjp(problem: Problem, inner: Params) -> tuple[Params, Callable[[Params], Params]]:
+    r"""(P(w), u ↦ (∂P/∂w)ᵀ u) for the problem's ``inner_projection`` P: what a reverse sweep through a projected
+    step needs (``vmap``-able when P is)."""
+    _tick("projection_vjp")
+    projected, pullback = vjp(problem.project_inner, inner)
+    return projected, lambda u: pullback(u)[0]
+
+
 def inner_uses_outer(problem: Problem, outer: Params, inner: Params, batch: Batch, buffers: Params | None = None) -> bool:
     r"""Whether λ reaches L_T(λ, w; batch) at all (structurally, in the autograd graph), i.e. whether ∂²_{wλ} L_T
     can be non-zero; one forward and backward pass. Lets a method skip mixed products that are known to vanish."""

@@ -23,6 +23,9 @@ from bilevel.types import Batch, ConstraintFn, LossFn, Params, ProjectionFn
 
 Variables = Tensor | Mapping[str, Tensor] | nn.Module
 
+OPTIONAL_INPUTS = ("inner_constraints", "joint_projection", "inner_projection")
+"""Problem inputs only some methods honour (each solver lists its own in ``problem_inputs``)."""
+
 LONE_KEY = "value"
 """The name a lone tensor (``outer=tensor`` or ``inner=tensor``) gets inside bilevel's dicts of tensors."""
 
@@ -231,7 +234,11 @@ class Problem:
 def _evaluate(name: str, data_name: str, fn: Any, outer: Params, inner: Params, batch: Batch) -> Any:
     try:
         value = fn(outer, inner, batch)
-    except (RuntimeError, IndexError, TypeError) as e:
+    except BilevelError:
+        raise
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the user's function on the first batch
         shapes = _describe(batch)
         raise BilevelError(
             f"Problem: {name} failed on the first batch of {data_name} ({shapes}) with the initial variables "

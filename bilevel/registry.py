@@ -43,6 +43,11 @@ def solver_class(name: str) -> type:
 def make_solver(method: str | Any, **options: Any) -> Any:
     """A solver instance from a name and keyword options (or an instance passed through, with no options)."""
     if not isinstance(method, str):
+        if not (callable(getattr(method, "init", None)) and callable(getattr(method, "step", None))) or isinstance(method, type):
+            raise BilevelError(
+                f"solve: method={method!r} is not valid; expected a method name (one of {', '.join(available_methods())}) "
+                "or a solver instance with init(problem) and step(problem, state, data), e.g. bilevel.solvers.CG()."
+            )
         if options:
             raise BilevelError("solve: pass options either to the solver instance or to solve(), not both.")
         return method

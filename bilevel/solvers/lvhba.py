@@ -41,7 +41,7 @@ constrained; no Hessians. ``state.inner`` is y, the lower-level solution selecte
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -85,6 +85,8 @@ class LVHBA(Options):
     ``z_max`` r (Z = [0, r]^m). The paper's toy uses α 0.008, β 0.02, η 0.01, γ₁ = γ₂ = 10 and c̲ = 0.025, which
     converges slowly; c̲ between 1 and 10 is much faster (hence the default 1).
     """
+
+    problem_inputs: ClassVar[frozenset[str]] = frozenset({"inner_constraints", "joint_projection", "inner_projection"})
 
     lr: PositiveFloat = 0.01
     outer_lr: PositiveFloat | None = None

@@ -13,7 +13,7 @@ no host synchronisation, which is what ``vmap`` needs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -88,10 +88,12 @@ class MetaLearner(Options):
         return oracles.grad_inner(problem, outer, inner, support, buffers)
 
     def adapt_task(self, problem: Problem, outer: Params, support: Batch, buffers: Params, n_steps: int) -> Params:
-        r"""φ_0 = θ, φ_{t+1} = φ_t − α ∇(adaptation objective)(φ_t): ``n_steps`` steps on one task."""
+        r"""φ_0 = θ, φ_{t+1} = Proj(φ_t − α ∇(adaptation objective)(φ_t)): ``n_steps`` steps on one task (Proj the
+        problem's ``inner_projection``, the identity without one)."""
         inner = dict(outer)
         for _ in range(n_steps):
-            inner = tree.axpy(-self.inner_lr, self.adaptation_grad(problem, outer, inner, support, buffers), inner)
+            step = tree.axpy(-self.inner_lr, self.adaptation_grad(problem, outer, inner, support, buffers), inner)
+            inner = problem.project_inner(step)
         return inner
 
     def task_hypergradient(
@@ -224,6 +226,10 @@ class MAML(MetaLearner):
         t = T-1, \dots, 0:\ d \leftarrow d - \alpha (\partial^2_{\phi\theta} L_T(\phi_t))^\top a_{t+1},\
         a_t = a_{t+1} - \alpha \nabla^2_{\phi\phi} L_T(\phi_t)\, a_{t+1};\qquad \frac{dL^q}{d\theta} = d + a_0.
 
+    With an ``inner_projection`` P the steps are φ_{t+1} = P(φ_t − α g_t) and the reverse sweep applies P's
+    Jacobian transpose (one VJP of P per step) before each step's products; the first-order variant applies P and
+    passes the adjoint through unchanged.
+
     Each step's gradient is built with :func:`bilevel.oracles.linearize_grad_inner`, whose pullback gives both
     products of the reverse sweep in one backward pass over the kept graph (time ≈ 2× first order, memory O(T·graph),
     like autograd through the loop). ``first_order=True`` (FOMAML) drops the second-order terms:
@@ -237,6 +243,8 @@ class MAML(MetaLearner):
     ) -> TaskResult:
         inner = dict(outer)
         pullbacks = []
+        projections = []
+        project = problem.inner_projection is not None
         for _ in range(self.inner_steps):
             if self.first_order:
                 g = oracles.grad_inner(problem, outer, inner, support, buffers)
@@ -244,10 +252,17 @@ class MAML(MetaLearner):
                 g, products = oracles.linearize_grad_inner(problem, outer, inner, support, buffers)
                 pullbacks.append(products)
             inner = tree.axpy(-self.inner_lr, g, inner)
+            if project and not self.first_order:
+                inner, projection_pullback = oracles.projection_vjp(problem, inner)
+                projections.append(projection_pullback)
+            elif project:
+                inner = problem.project_inner(inner)
         support_loss = problem.inner_objective(outer, inner, support, buffers).detach()
         query_loss, d_outer, adjoint = oracles.grad_outer(problem, outer, inner, query, buffers)
-        for products in reversed(pullbacks):
-            mixed, hv = products(adjoint)
+        for t in reversed(range(len(pullbacks))):
+            if projections:
+                adjoint = projections[t](adjoint)
+            mixed, hv = pullbacks[t](adjoint)
             if uses_outer:
                 d_outer = tree.axpy(-self.inner_lr, mixed, d_outer)
             adjoint = tree.axpy(-self.inner_lr, hv, adjoint)
@@ -283,6 +298,8 @@ class IMAML(MetaLearner):
     sharpening the task losses until a fixed step diverges; the curvature-scaled step keeps the descent on the
     proximal objective (curvature λ + H) stable.
     """
+
+    problem_inputs: ClassVar[frozenset[str]] = frozenset()  # a projected inner problem changes the implicit gradient
 
     inner_steps: NonNegativeInt = 10
     inner_lr: PositiveFloat | None = None
