@@ -50,7 +50,7 @@ def neumann(
     *,
     alpha: float = 0.1,
     maxiter: int = 10,
-    divergence_factor: float = 100.0,
+    divergence_factor: float = 1.0,
     check: bool = True,
 ) -> LinSolveResult:
     r"""Truncated Neumann series, Lorraine, Vicol & Duvenaud, 2020, "Optimizing Millions of Hyperparameters by
@@ -64,14 +64,18 @@ def neumann(
 
     ``residual`` is ‖(I − αA)^i b‖/‖b‖ = ‖b − A x_{i−1}‖/‖b‖, the residual of the series one term shorter: an
     upper bound on the returned ``x``'s residual whenever the series contracts, obtained without an extra matvec.
-    Growth of ‖(I − αA)^i b‖ beyond ``divergence_factor``·‖b‖ (checked once, after the last term) raises
-    :class:`NeumannDivergenceError` with a step size that would converge (estimated by power iteration).
+
+    Divergence: for PSD A and 0 < α < 2/λ_max every eigencomponent of v_i = (I − αA)^i b shrinks, so ‖v_i‖ ≤ ‖b‖;
+    ‖v_i‖ above ``divergence_factor``·‖b‖ (beyond rounding; checked once, after the last term) proves α ≥ 2/λ_max
+    or an indefinite A, and raises :class:`NeumannDivergenceError` with a step size that would converge (estimated
+    by power iteration). A divergent component too small to lift the whole norm within ``maxiter`` terms is not
+    caught here: the ``ift`` solver also checks α against a power-iteration estimate of λ_max at its first step.
     A cheap product that carries a ``precise`` attribute (mixed precision, see :func:`cg`) is replaced by the
     precise one: the series has no residual to correct, so it would keep the low precision's error.
     """
     matvec = getattr(matvec, "precise", None) or matvec
-    if alpha <= 0:
-        raise BilevelError(f"neumann: alpha must be positive, got {alpha}.")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise BilevelError(f"neumann: alpha must be a finite number > 0, got {alpha}.")
     if maxiter < 0:
         raise BilevelError(f"neumann: maxiter must be >= 0, got {maxiter}.")
     v = b
@@ -81,25 +85,29 @@ def neumann(
         p = tree.add(p, v)
     b_norm = tree.norm(b)
     v_norm = tree.norm(v)
-    if check:  # one host sync for the whole series: ‖(I − αA)^i b‖ grows monotonically once the series diverges
-        growth = v_norm / b_norm
-        if not bool(torch.isfinite(growth) & (growth <= divergence_factor)):
+    tiny = torch.finfo(b_norm.dtype).tiny
+    if check:  # one host sync for the whole series
+        growth = v_norm / b_norm.clamp_min(tiny)
+        slack = max(1e-4, 10 * (maxiter + 1) * torch.finfo(b_norm.dtype).eps)
+        if not bool(torch.isfinite(growth) & (growth <= divergence_factor * (1 + slack))):
             _raise_divergence(matvec, b, alpha, maxiter, float(growth))
-    residual = v_norm / b_norm.clamp_min(torch.finfo(b_norm.dtype).tiny)
+    residual = v_norm / b_norm.clamp_min(tiny)
     return LinSolveResult(x=tree.scale(p, alpha), iterations=maxiter, residual=residual)
 
 
 def _raise_divergence(matvec: MatVec, b: Params, alpha: float, term: int, growth: float) -> None:
     lipschitz = power_iteration(matvec, b, maxiter=50)
+    raise NeumannDivergenceError(f"neumann: series diverged (|v| grew {growth:.3g}x over {term} terms); "
+                                 f"{step_advice(alpha, lipschitz)}")
+
+
+def step_advice(alpha: float, lipschitz: float) -> str:
+    """What to do about a Neumann step ``alpha`` too large for the curvature estimate ``lipschitz`` ≈ λ_max."""
     if math.isfinite(lipschitz) and lipschitz > 0:
         bound = 2.0 / lipschitz
-        advice = (
-            f"alpha={alpha:g} exceeds 2/L≈{bound:.3g} (L≈{lipschitz:.3g} by power iteration); "
-            f"pass neumann_alpha={0.5 * bound:.3g} (≈1/L) or use method='cg'."
-        )
-    else:
-        advice = "the Hessian looks indefinite or non-finite; lower the step size or use method='cg' with more inner steps."
-    raise NeumannDivergenceError(f"neumann: series diverged (|v| grew {growth:.3g}x over {term} terms); {advice}")
+        return (f"alpha={alpha:g} exceeds 2/L≈{bound:.3g} (L≈{lipschitz:.3g} by power iteration); "
+                f"pass neumann_alpha={0.5 * bound:.3g} (≈1/L) or use method='cg'.")
+    return "the Hessian looks indefinite or non-finite; lower the step size or use method='cg' with more inner steps."
 
 
 def power_iteration(matvec: MatVec, v0: Params, *, maxiter: int = 20) -> float:
@@ -373,7 +381,7 @@ def exact(
     The columns come from ``batched_matvec`` (``v`` with a leading batch dimension; also read from a
     ``matvec.batched`` attribute) when given, else from
     ``vmap(matvec)``, else one matvec per column. Costs P matvecs (batched) and O(P²) memory for P unknowns;
-    meant for small problems and as a reference.
+    meant for small problems and as a reference. float16 and bfloat16 systems are solved in float32.
     ``residual`` is the true ‖b − A x‖/‖b‖ of the dense system.
     """
     n = tree.size(b)
@@ -397,6 +405,9 @@ def exact(
         except RuntimeError:  # a matvec that does not compose with vmap: one column at a time
             a = torch.stack([column(e) for e in eye], dim=1)
     a = 0.5 * (a + a.T)
-    x = torch.linalg.solve(a, flat_b)
-    residual = torch.linalg.vector_norm(flat_b - a @ x) / torch.linalg.vector_norm(flat_b).clamp_min(1e-300)
-    return LinSolveResult(x=tree.unflatten(x, b), iterations=n, residual=residual)
+    # torch.linalg.solve has no float16/bfloat16 kernels (and they would lose the answer): solve in float32
+    work = torch.float32 if flat_b.dtype in (torch.float16, torch.bfloat16) else flat_b.dtype
+    a_w, b_w = a.to(work), flat_b.to(work)
+    x = torch.linalg.solve(a_w, b_w)
+    residual = torch.linalg.vector_norm(b_w - a_w @ x) / torch.linalg.vector_norm(b_w).clamp_min(torch.finfo(work).tiny)
+    return LinSolveResult(x=tree.unflatten(x.to(flat_b.dtype), b), iterations=n, residual=residual.to(flat_b.dtype))

@@ -57,36 +57,43 @@ def sgd(lr: float, momentum: float = 0.0, nesterov: bool = False) -> Optimizer:
     return Optimizer(init, update)
 
 
+def _working(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when it is float16/bfloat16: moment estimates and ε (1e-8 rounds to 0 in float16) need the
+    range; the update is cast back to the parameter's dtype."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def adam(lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Optimizer:
     r"""Adam (Kingma & Ba, 2015): m ← b1 m + (1−b1) g;  v ← b2 v + (1−b2) g²;
-    w ← w − η m̂ / (√v̂ + ε) with bias-corrected m̂ = m/(1−b1ᵗ), v̂ = v/(1−b2ᵗ)."""
+    w ← w − η m̂ / (√v̂ + ε) with bias-corrected m̂ = m/(1−b1ᵗ), v̂ = v/(1−b2ᵗ).
+    For float16/bfloat16 parameters the moments are kept, and the step computed, in float32."""
     _check_lr("adam", lr)
 
     def init(params: Params) -> AdamState:
-        zeros = {k: torch.zeros_like(v) for k, v in params.items()}
+        zeros = {k: _working(torch.zeros_like(v)) for k, v in params.items()}
         return AdamState(0, zeros, dict(zeros))
 
     def update(params: Params, grads: Params, state: AdamState) -> tuple[Params, AdamState]:
         t = state.count + 1
-        mu = {k: b1 * state.mu[k] + (1 - b1) * grads[k] for k in params}
-        nu = {k: b2 * state.nu[k] + (1 - b2) * grads[k] ** 2 for k in params}
+        mu = {k: b1 * state.mu[k] + (1 - b1) * _working(grads[k]) for k in params}
+        nu = {k: b2 * state.nu[k] + (1 - b2) * _working(grads[k]) ** 2 for k in params}
         c1, c2 = 1 - b1**t, 1 - b2**t
-        new = {k: params[k] - lr * (mu[k] / c1) / ((nu[k] / c2).sqrt() + eps) for k in params}
+        new = {k: params[k] - (lr * (mu[k] / c1) / ((nu[k] / c2).sqrt() + eps)).to(params[k].dtype) for k in params}
         return new, AdamState(t, mu, nu)
 
     return Optimizer(init, update)
 
 
 def rmsprop(lr: float, decay: float = 0.99, eps: float = 1e-8) -> Optimizer:
-    r"""RMSprop: s ← ρ s + (1−ρ) g²;  w ← w − η g / (√s + ε)."""
+    r"""RMSprop: s ← ρ s + (1−ρ) g²;  w ← w − η g / (√s + ε) (s kept in float32 for float16/bfloat16)."""
     _check_lr("rmsprop", lr)
 
     def init(params: Params) -> Params:
-        return {k: torch.zeros_like(v) for k, v in params.items()}
+        return {k: _working(torch.zeros_like(v)) for k, v in params.items()}
 
     def update(params: Params, grads: Params, state: Params) -> tuple[Params, Params]:
-        s = {k: decay * state[k] + (1 - decay) * grads[k] ** 2 for k in params}
-        return {k: params[k] - lr * grads[k] / (s[k].sqrt() + eps) for k in params}, s
+        s = {k: decay * state[k] + (1 - decay) * _working(grads[k]) ** 2 for k in params}
+        return {k: params[k] - (lr * _working(grads[k]) / (s[k].sqrt() + eps)).to(params[k].dtype) for k in params}, s
 
     return Optimizer(init, update)
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, grad_and_value, jvp, vjp
 
+from bilevel.errors import BilevelError
 from bilevel.problem import Problem
 from bilevel.types import Batch, Params
 
@@ -59,7 +60,8 @@ def _in_transform() -> bool:
 
 
 def _value_and_grads(
-    fn: Callable[[Params, Params], Tensor], outer: Params, inner: Params, wrt_outer: bool, wrt_inner: bool
+    fn: Callable[[Params, Params], Tensor], outer: Params, inner: Params, wrt_outer: bool, wrt_inner: bool,
+    name: str = "inner_loss",
 ) -> tuple[Tensor, Params, Params]:
     """(fn(λ, w), ∇_λ fn or {}, ∇_w fn or {}) by one reverse pass; zeros for unused entries."""
     if _in_transform():
@@ -72,6 +74,12 @@ def _value_and_grads(
     with torch.enable_grad():
         value = fn(lam, w)
         leaves = (list(lam.values()) if wrt_outer else []) + (list(w.values()) if wrt_inner else [])
+        if not value.requires_grad and wrt_inner:
+            raise BilevelError(
+                f"Problem: {name} returned a tensor that does not depend on the inner variables "
+                "(no autograd graph): was it detached, computed under torch.no_grad(), or rebuilt from .item()? "
+                "Return the loss as a differentiable function of its inputs."
+            )
         grads = torch.autograd.grad(value, leaves, materialize_grads=True) if value.requires_grad else [
             torch.zeros_like(t) for t in leaves
         ]
@@ -132,7 +140,8 @@ def grad_outer(
 ) -> tuple[Tensor, Params, Params]:
     r"""(L_V, ∂_λ L_V, ∂_w L_V) from one backward pass."""
     _tick("grad_outer")
-    return _value_and_grads(lambda lam, w: problem.outer_objective(lam, w, batch, buffers), outer, inner, True, True)
+    return _value_and_grads(lambda lam, w: problem.outer_objective(lam, w, batch, buffers), outer, inner, True, True,
+                            "outer_loss")
 
 
 # ----- second order, pure -------------------------------------------------------------------------------

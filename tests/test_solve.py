@@ -44,9 +44,11 @@ def test_history_timings_and_oracle_counts():
     assert h["step"] == [0.0, 1.0, 2.0, 3.0] and result.n_steps == 4 and result.stop_reason == "maxiter"
     for key in ("outer_loss", "hypergrad_norm", "inner_loss", "linsolve_residual", "step_time", "elapsed"):
         assert len(h[key]) == 4 and all(math.isfinite(v) for v in h[key])
-    # per step: 3 inner gradients + 1 for the retained graph, 1 outer gradient, 5 HVPs, 1 mixed VJP
-    assert result.oracle_calls == {"grad_inner": 16, "grad_outer": 4, "hvp": 20, "mixed_vjp": 4}
-    assert h["calls_hvp"] == [5.0, 10.0, 15.0, 20.0] and h["oracle_calls"][-1] == 44.0
+    # per step: 3 inner gradients + 1 for the retained graph, 1 outer gradient, 5 HVPs, 1 mixed VJP; once, at the
+    # first step, the curvature estimate that checks the Neumann step: 1 gradient + 20 power-iteration HVPs
+    assert result.oracle_calls == {"grad_inner": 17, "grad_outer": 4, "hvp": 40, "mixed_vjp": 4}
+    assert h["calls_hvp"] == [25.0, 30.0, 35.0, 40.0] and h["oracle_calls"][-1] == 65.0
+    assert len(h["curvature"]) == 4 and h["curvature"][0] > 0
     assert all(b >= a for a, b in zip(h["elapsed"], h["elapsed"][1:]))
 
 

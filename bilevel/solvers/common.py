@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from bilevel import oracles, tree
 from bilevel.data import DataStreams
 from bilevel.errors import BilevelError
+from bilevel.linsolve import power_iteration
 from bilevel.optim import Optimizer, make_optimizer
 from bilevel.problem import Problem
 from bilevel.types import Params
@@ -67,6 +69,18 @@ def outer_update(
     r"""λ ← Proj_Λ(Φ(λ, dF/dλ))."""
     outer, opt_state = optimizer.update(outer, hypergrad, opt_state)
     return problem.project_outer(tree.detach(outer)), opt_state
+
+
+def estimate_curvature(
+    problem: Problem, outer: Params, inner: Params, batch: Any, buffers: Params | None, iterations: int = 20
+) -> float:
+    r"""L̂ ≈ λ_max(∇²_ww L_T(λ, w; batch)) by ``iterations`` power iterations on one linearization (1 gradient +
+    ``iterations`` HVPs, counted like every oracle call). The start vector comes from a private generator with a
+    fixed seed, so the estimate draws nothing from the global random generators (runs stay reproducible)."""
+    lin = oracles.Linearization(problem, outer, inner, batch, buffers)
+    gen = torch.Generator().manual_seed(0)
+    start = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device) for k, v in inner.items()}
+    return power_iteration(lin.hvp, start, maxiter=iterations)
 
 
 def power_schedule(base: float, k: int, power: float, offset: float = 1.0) -> float:

@@ -23,13 +23,19 @@ from bilevel import tree
 from bilevel.data import DataStreams
 from bilevel.errors import BilevelError
 from bilevel.hypergrad import Hypergradient, implicit_hypergrad
-from bilevel.linsolve import cg, exact, minres, neumann
+from bilevel.linsolve import NeumannDivergenceError, cg, exact, minres, neumann, step_advice
 from bilevel.optim import Optimizer, make_optimizer
 from bilevel.options import Momentum, NonNegativeInt, OptimizerName, Options, PositiveFloat, PositiveInt, owner_name
 from bilevel.precondition import lbfgs_preconditioner, recycle_pairs
 from bilevel.problem import Problem
 from bilevel.registry import register
-from bilevel.solvers.common import check_momentum_applies, make_inner_optimizer, outer_update, train_inner
+from bilevel.solvers.common import (
+    check_momentum_applies,
+    estimate_curvature,
+    make_inner_optimizer,
+    outer_update,
+    train_inner,
+)
 from bilevel.types import Params
 
 LinSolveName = Literal["neumann", "cg", "minres", "exact"]
@@ -46,6 +52,7 @@ class ImplicitState:
         inner_opt, outer_opt: optimizer states.
         v: last inverse-HVP solution H⁻¹∂_w L_V (warm start for CG), or None.
         pairs: the latest curvature pairs (p, Hp) of the CG solves (recycled into the preconditioner), or ().
+        curvature: L̂ ≈ λ_max(∇²_ww L_T) by power iteration at the first step (Neumann), or None.
     """
 
     outer: Params
@@ -55,6 +62,7 @@ class ImplicitState:
     outer_opt: Any
     v: Params | None = None
     pairs: tuple[tuple[Params, Params], ...] = ()
+    curvature: float | None = None
 
 
 @register("ift")
@@ -141,6 +149,15 @@ class IFT(Options):
         return ImplicitState(outer, inner, tree.clone(problem.buffers_init), inner_opt.init(inner), outer_opt.init(outer))
 
     def step(self, problem: Problem, state: ImplicitState, data: DataStreams) -> tuple[ImplicitState, dict[str, Any]]:
+        curvature = state.curvature
+        if curvature is None and self.linsolve == "neumann":
+            # A series that diverges along a direction b barely touches can stay small over a few terms (and
+            # return a wrong answer); one estimate of λ_max at the start refuses such an α outright.
+            curvature = estimate_curvature(problem, state.outer, state.inner, data.inner(), state.buffers)
+            alpha = self.inner_lr if self.neumann_alpha is None else self.neumann_alpha
+            if alpha * curvature >= 2.0:
+                raise NeumannDivergenceError(f"{owner_name(self)}: the Neumann series would diverge: "
+                                             f"{step_advice(alpha, curvature)}")
         inner_opt, outer_opt = self._optimizers()
         inner, buffers, inner_state, inner_loss = train_inner(
             problem, state.outer, state.inner, state.buffers, inner_opt, state.inner_opt, data, self.inner_steps
@@ -155,8 +172,11 @@ class IFT(Options):
         }
         if inner_loss is not None:
             metrics["inner_loss"] = inner_loss
+        if curvature is not None:
+            metrics["curvature"] = curvature
         pairs = recycle_pairs(state.pairs, hg.linsolve.pairs, memory=self.cg_preconditioner_memory)
-        new_state = ImplicitState(outer, inner, buffers, inner_state, outer_state, v=hg.linsolve.x, pairs=pairs)
+        new_state = ImplicitState(outer, inner, buffers, inner_state, outer_state, v=hg.linsolve.x, pairs=pairs,
+                                  curvature=curvature)
         return new_state, metrics
 
 

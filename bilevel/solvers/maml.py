@@ -13,6 +13,7 @@ no host synchronisation, which is what ``vmap`` needs.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from bilevel import oracles, tree
 from bilevel.data import DataStreams
-from bilevel.errors import BilevelError
+from bilevel.errors import BilevelError, BilevelWarning
 from bilevel.hypergrad import Hypergradient
 from bilevel.linsolve import cg
 from bilevel.meta import as_task_data, check_no_running_stats, map_tasks, n_tasks, task_slice
@@ -205,10 +206,19 @@ class MetaLearner(Options):
         }
         if self._reports_residual:
             metrics["linsolve_residual"] = residual.mean()
-            metrics["linsolve_fallback"] = (~(residual <= FALLBACK_RESIDUAL)).to(residual.dtype).mean()
+            failed = ~(residual <= FALLBACK_RESIDUAL)
+            metrics["linsolve_fallback"] = failed.to(residual.dtype).mean()
+            if self._falls_back and bool(failed.any()):
+                warnings.warn(BilevelWarning(
+                    f"{owner_name(self)}: CG did not solve (I + H/λ)x = b for {int(failed.sum())} of {failed.numel()} "
+                    "tasks (residual above ‖b‖: H has eigenvalues below −λ); their hypergradient fell back to the "
+                    "first-order one x = b (cg_fallback=True). Raise lam or cg_maxiter, or set cg_fallback=False to keep "
+                    "the CG answer. The history's linsolve_fallback is the fraction of such tasks per step."
+                ), stacklevel=2)
         return MetaState(outer, tree.clone(outer), state.buffers, outer_state, uses_outer), metrics
 
     _reports_residual = False
+    _falls_back = False
     _auto_inner_lr = False  # whether inner_lr=None (a step size chosen per task) is supported
 
 
@@ -310,6 +320,10 @@ class IMAML(MetaLearner):
 
     _reports_residual = True
     _auto_inner_lr = True
+
+    @property
+    def _falls_back(self) -> bool:  # type: ignore[override]
+        return self.cg_fallback
 
     def adaptation_grad(self, problem: Problem, outer: Params, inner: Params, support: Batch, buffers: Params) -> Params:
         r"""∇_φ [L_T(θ, φ) + (λ/2)‖φ − θ‖²] = ∇_φ L_T + λ(φ − θ)."""
