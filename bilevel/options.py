@@ -180,6 +180,12 @@ class Options:
 
     problem_inputs: ClassVar[frozenset[str]] = frozenset({"inner_projection"})
     """Optional :class:`~bilevel.Problem` inputs this method honours (``solve`` refuses the others)."""
+    differentiates: ClassVar[str | None] = None
+    """What the method's hypergradient differentiates, for :func:`bilevel.check_hypergradient`: ``"solution"``
+    (the exact inner solution w*(λ)), ``"penalty"`` (w*(λ), estimated through a penalty function), ``"unrolled"``
+    (T inner steps from a start point), ``"adapted"`` / ``"proximal"`` (each task's adaptation: T steps, or the
+    proximal solution); None when it computes no hypergradient of F on its own (``no_hypergradient`` says why)."""
+    no_hypergradient: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -230,15 +230,26 @@ class Linearization:
 
     ``hvp(v) = ∇²_ww L_T v`` and ``mixed_vjp(v) = (∂²_{wλ} L_T)ᵀ v`` are each one backward pass over the
     retained graph of the gradient (double backward). Pass ``v`` with a leading batch dimension and
-    ``batched=True`` to solve for many right-hand sides at once.
+    ``batched=True`` to solve for many right-hand sides at once. :meth:`of` linearizes any function
+    ``f(outer, inner) -> scalar`` the same way (the problem's inner loss is one such function).
     """
 
     def __init__(self, problem: Problem, outer: Params, inner: Params, batch: Batch, buffers: Params | None = None):
+        self._build(lambda lam, w: problem.inner_objective(lam, w, batch, buffers), outer, inner)
+
+    @classmethod
+    def of(cls, fn: Callable[[Params, Params], Tensor], outer: Params, inner: Params) -> Linearization:
+        """The linearization of ∇_w fn(λ, w) at (``outer``, ``inner``) for a plain function ``fn``."""
+        self = cls.__new__(cls)
+        self._build(fn, outer, inner)
+        return self
+
+    def _build(self, fn: Callable[[Params, Params], Tensor], outer: Params, inner: Params) -> None:
         _tick("grad_inner")
         self.outer = {k: v.detach().requires_grad_(True) for k, v in outer.items()}
         self.inner = {k: v.detach().requires_grad_(True) for k, v in inner.items()}
         with torch.enable_grad():
-            loss = problem.inner_objective(self.outer, self.inner, batch, buffers)
+            loss = fn(self.outer, self.inner)
             grads = torch.autograd.grad(loss, list(self.inner.values()), create_graph=True, materialize_grads=True)
         self.loss = loss.detach()
         self.grad = dict(zip(self.inner, grads))

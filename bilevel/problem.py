@@ -198,6 +198,15 @@ class Problem:
         _check_same_structure("joint_projection (inner)", inner, new_inner)
         return new_outer, new_inner
 
+    def outer_params(self, value: Any) -> Params:
+        """``value`` in the form of ``outer`` (a tensor, a dict of tensors or a module) as a detached dict of tensors,
+        checked against the problem's outer variables (names, shapes, dtypes, devices)."""
+        return _user_params(value, self._outer_lone, self.outer_init, "outer")
+
+    def inner_params(self, value: Any) -> Params:
+        """``value`` in the form of ``inner`` as a detached dict of tensors, checked like :meth:`outer_params`."""
+        return _user_params(value, self._inner_lone, self.inner_init, "inner")
+
     def outer_to_user(self, outer: Params) -> Any:
         """A solution in the user's form: a lone tensor or a dict."""
         return outer[LONE_KEY] if self._outer_lone else dict(outer)
@@ -301,6 +310,19 @@ def _as_params(x: Any, lone: bool, what: str) -> Params:
         return dict(x)
     expected = "a tensor" if lone else "a dict of tensors"
     raise BilevelError(f"Problem: {what} must return {expected} (the form it was given), got {_describe(x)}.")
+
+
+def _user_params(value: Any, lone: bool, like: Params, level: str) -> Params:
+    if isinstance(value, nn.Module):
+        value = {k: v for k, v in value.named_parameters() if k in like}
+    params = _as_params(value, lone, level)
+    if set(params) != set(like):
+        raise BilevelError(f"{level}: expected the problem's {level} variables {sorted(like)}, got {sorted(params)}.")
+    for k, v in params.items():
+        if _signature(v) != _signature(like[k]):
+            name = f"the {level} tensor" if lone else repr(k)
+            raise BilevelError(f"{level}: {name} is {_signature(v)}, but the problem's is {_signature(like[k])}.")
+    return {k: v.detach() for k, v in params.items()}
 
 
 def _check_bounds(bounds: Any) -> None:

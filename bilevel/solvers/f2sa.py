@@ -44,11 +44,15 @@ Cost: 6 gradients per outer step (3 at the current point, 3 at the previous one 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+import torch
 
 from bilevel import oracles, tree
 from bilevel.data import DataStreams
 from bilevel.errors import BilevelError
+from bilevel.hypergrad import Hypergradient
+from bilevel.inner import minimize
 from bilevel.optim import sgd
 from bilevel.options import Options, PositiveFloat, PositiveInt, UnitInterval, owner_name
 from bilevel.problem import Problem
@@ -106,6 +110,8 @@ class F2SA(Options):
         schedule_offset: k₀ of s_k = (k + k₀)/k₀.
         momentum: the STORM variant (see the module docstring); momentum_weight: η₀.
     """
+
+    differentiates: ClassVar[str | None] = "penalty"
 
     inner_steps: PositiveInt | None = None
     inner_lr: PositiveFloat = 0.1
@@ -167,6 +173,27 @@ class F2SA(Options):
             "penalty": penalty,
             "momentum_weight": min(1.0, power_schedule(self.momentum_weight, k, -2 * a, k0)),
         }
+
+    def hypergradient(
+        self, problem: Problem, outer: Params, inner: Params, data: DataStreams, buffers: Params | None = None,
+        *, penalty: float | None = None, maxiter: int = 500,
+    ) -> Hypergradient:
+        r"""F2SA's estimate of dF/dλ at x with ``inner`` = w*(x): ∇_x f(x, y_λ) + λ(∇_x g(x, y_λ) − ∇_x g(x, w*)),
+        y_λ = argmin_y f(x, y) + λ g(x, y) solved to tolerance (L-BFGS + Newton–CG, full batch). It is the gradient
+        of the penalty function L*_λ, O(1/λ) from dF/dλ (Kwon et al., 2023, Lemma 3.1); λ = ``penalty`` or
+        ``penalty_max`` or ``penalty0``."""
+        lam = penalty if penalty is not None else (self.penalty_max or self.penalty0)
+        inner_batch, outer_batch = data.inner(), data.outer()
+        y = minimize(lambda x, w: problem.outer_objective(x, w, outer_batch, buffers)
+                     + lam * problem.inner_objective(x, w, inner_batch, buffers), outer, inner, maxiter=maxiter,
+                     what="f2sa.hypergradient (y_λ)")
+        with torch.no_grad():
+            outer_loss = problem.outer_objective(outer, inner, outer_batch, buffers)  # F at w*, what is reported
+        _, f_x, _ = oracles.grad_outer(problem, outer, y, outer_batch, buffers)
+        gy_x = oracles.grad_inner_wrt_outer(problem, outer, y, inner_batch, buffers)
+        gz_x = oracles.grad_inner_wrt_outer(problem, outer, inner, inner_batch, buffers)
+        return Hypergradient(hypergrad=_outer_direction(f_x, gy_x, gz_x, lam), outer_loss=outer_loss, inner=inner,
+                             buffers=buffers)
 
     # ----- protocol -----------------------------------------------------------------------------------------
     def init(self, problem: Problem) -> F2SAState:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -80,6 +80,8 @@ class IFT(Options):
     2000; :mod:`bilevel.precondition`): no extra Hessian-vector products, 2·memory extra vectors of memory, and with
     the warm start it takes most of the work off the solve when the Hessian moves slowly between outer steps.
     """
+
+    differentiates: ClassVar[str | None] = "solution"
 
     inner_steps: NonNegativeInt = 10
     inner_lr: PositiveFloat = 0.1

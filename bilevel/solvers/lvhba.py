@@ -87,6 +87,10 @@ class LVHBA(Options):
     """
 
     problem_inputs: ClassVar[frozenset[str]] = frozenset({"inner_constraints", "joint_projection", "inner_projection"})
+    no_hypergradient: ClassVar[str] = (
+        "lvhba steps along the gradient of a penalized value-function reformulation (d_x mixes ∇F/c_k with a value-"
+        "function gap), which is no estimate of dF/dλ at a point"
+    )
 
     lr: PositiveFloat = 0.01
     outer_lr: PositiveFloat | None = None

@@ -246,6 +246,8 @@ class MAML(MetaLearner):
     dL^q/dθ ≈ ∂_θ L^q + ∂_φ L^q at φ_T (no graphs kept).
     """
 
+    differentiates: ClassVar[str | None] = "adapted"
+
     first_order: bool = False
 
     def task_hypergradient(
@@ -310,6 +312,7 @@ class IMAML(MetaLearner):
     """
 
     problem_inputs: ClassVar[frozenset[str]] = frozenset()  # a projected inner problem changes the implicit gradient
+    differentiates: ClassVar[str | None] = "proximal"
 
     inner_steps: NonNegativeInt = 10
     inner_lr: PositiveFloat | None = None

@@ -55,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +127,11 @@ class STN(Options):
         per_example: one perturbation per example (the batch size is the leading dimension of the batch's first
             tensor) or one per batch (needed when batches are not tensors with a batch dimension).
     """
+
+    no_hypergradient: ClassVar[str] = (
+        "stn differentiates its learned best-response network ŵ_φ(λ), an approximation whose error depends on "
+        "training, not a hypergradient of F at a point"
+    )
 
     train_steps: PositiveInt = 2
     val_steps: PositiveInt = 1

@@ -12,7 +12,7 @@ and w continues from w_T (truncated back-propagation across outer steps), or res
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 from bilevel import tree
 from bilevel.data import DataStreams
@@ -39,6 +39,8 @@ class UnrolledState:
 @dataclasses.dataclass(frozen=True)
 class Unrolled(Options):
     """Reverse-mode through ``inner_steps`` steps of SGD (with optional momentum) on the inner loss."""
+
+    differentiates: ClassVar[str | None] = "unrolled"
 
     inner_steps: NonNegativeInt = 10
     inner_lr: PositiveFloat = 0.1
