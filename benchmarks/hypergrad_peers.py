@@ -969,6 +969,10 @@ def profile_bilevel(case: Case, k: int, args: argparse.Namespace, with_torchopt:
     print(f"- cost model grad_outer + Linearization + K·HVP + mixed VJP = {model / unit:.1f} grad-eq "
           f"(whole Neumann measured: {seconds[f'whole: implicit_hypergrad Neumann({k})'] / unit:.1f}); "
           f"fixed part {fixed / unit:.1f} grad-eq, HVPs {k * hvp / unit:.1f} ({k * hvp / model:.0%} of the model)")
+    plain_cg = outputs.get(f"cg({k}), check=False")
+    if plain_cg is not None:
+        print(f"- CG({k}) on H x = ∂_w L_V from 0: relative residual ‖b − Hx‖/‖b‖ = {float(plain_cg.residual):.2g} "
+              "(reliable updates of low-precision products correct it each time it falls tenfold)")
     cg32 = outputs.get(f"whole: implicit_hypergrad CG({k}), check=False")
     mixed = outputs.get(f"whole: implicit_hypergrad CG({k}), hvp_dtype={low_name}")
     if cg32 is not None and mixed is not None:
