@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_debian_data
 
 import bilevel
 from bilevel.problems import fewshot as fewshot_module
@@ -35,8 +34,8 @@ PACKAGE = "dataset-fashion-mnist"
 
 
 @pytest.fixture(scope="module")
-def raw() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    return load_debian_data(lambda: {s: fashion_mnist_raw(s) for s in ("train", "test")}, PACKAGE)
+def raw(debian_data) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return debian_data(lambda: {s: fashion_mnist_raw(s) for s in ("train", "test")}, PACKAGE)
 
 
 # ----- the data --------------------------------------------------------------------------------------------------

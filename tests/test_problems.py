@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import struct
 
 import numpy as np
@@ -157,26 +158,25 @@ def test_hypercleaning_missing_data_says_how_to_install(tmp_path):
         spam(root=str(tmp_path))
 
 
-def test_missing_debian_data_fails_as_root_and_skips_otherwise(monkeypatch):
+def test_missing_debian_data_fails_as_root_and_skips_otherwise(debian_data, monkeypatch):
     """CI runs as root, where scripts/setup.sh installs the data: missing data must fail the test there, and skip,
     saying why, only for users who are not root."""
-    import conftest
 
     def missing():
         raise DatasetUnavailable("not found")
 
-    def outcome(package):  # the exception load_debian_data ends with (a skip must not end this test as skipped)
+    def outcome(package):  # the exception debian_data ends with (a skip must not end this test as skipped)
         with pytest.raises(BaseException) as info:
-            conftest.load_debian_data(missing, package)
+            debian_data(missing, package)
         return info.type, str(info.value)
 
-    monkeypatch.setattr(conftest.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     kind, message = outcome("dataset-fashion-mnist")
     assert kind is pytest.fail.Exception and "running as root but Debian's dataset-fashion-mnist is not" in message
-    monkeypatch.setattr(conftest.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     kind, message = outcome("r-cran-kernlab")
     assert kind is pytest.skip.Exception and "not root and Debian's r-cran-kernlab is not installed" in message
-    assert conftest.load_debian_data(lambda: 3, "r-cran-kernlab") == 3
+    assert debian_data(lambda: 3, "r-cran-kernlab") == 3
 
 
 def test_hypercleaning_bad_settings():
