@@ -14,8 +14,8 @@ Contenders: bilevel (``implicit_hypergrad`` with ``neumann`` / ``cg``, ``cg`` wi
 working precision), ``unrolled_hypergrad``); TorchOpt 0.7.3
 (``custom_root`` + ``linear_solve.solve_cg``); higher 0.2.1 (``innerloop_ctx`` + differentiable SGD); Betty 0.1.1
 (``betty.hypergradient.get_grads`` with its ``neumann`` routine on two ``ImplicitProblem`` objects, no ``Engine``);
-a plain-autograd Neumann loop (double backward on a retained graph, as in PERFORMANCE.md). Peers are imported lazily
-and skipped, with the reason printed, when missing or broken.
+a plain-autograd Neumann loop (double backward on a retained graph, the reference of docs/peer_costs.md). Peers are
+imported lazily and skipped, with the reason printed, when missing or broken.
 
 Problems: (1) per-weight ridge (``bilevel.problems.ridge``; reference: the closed-form hypergradient); (2) MLP 784-H-H-10
 classifier with one weight-decay hyperparameter per weight, L_T = CE(train) + ½ Σ e^λ w², L_V = CE(val), full batch,
@@ -40,7 +40,7 @@ by ``benchmarks/hypergrad_trajectory.py``.
 
 Run: ``.venv/bin/python benchmarks/hypergrad_peers.py`` (2-core CPU defaults: about 10–15 minutes; the MLP inner point
 is trained once and cached under ``--cache-dir``);
-``--problem mlp --hidden 1024 --n 16384 --device cuda`` for PERFORMANCE.md's larger rows.
+``--problem mlp --hidden 1024 --n 16384 --device cuda`` for the larger GPU rows of docs/peer_costs.md.
 Optional peers: ``pip install torchopt==0.7.3 higher==0.2.1`` and ``pip install --no-deps betty-ml==0.1.1``.
 """
 
@@ -286,9 +286,12 @@ def make_mlp_case(
     g_norm = float(tree.norm(tree.detach(lin.grad)))
     lipschitz = power_iteration(lin.hvp, {k: torch.randn_like(v) for k, v in w.items()}, maxiter=30)
     case.alpha = 1.0 / (1.05 * lipschitz)
+    # logreg: shifting every class's weights and bias alike leaves the softmax unchanged, so the cross-entropy's
+    # Hessian is singular and λ_min(H) is exactly the weight decay: κ(H) = L / e^λ
+    kappa = f"; κ(H) = L/e^λ ≈ {lipschitz / weight_decay:.3g} (λ_min(H) = e^λ)" if not hidden else ""
     print(f"[{name} {case.label}] data: {what}; inner point after {train_steps} Adam steps, {how}: "
           f"L_T={float(lin.loss):.4f}, |∇_w L_T|={g_norm:.3g}; L≈{lipschitz:.3g} (power iteration), α=1/(1.05 L); "
-          f"weight decay e^λ={weight_decay:g}")
+          f"weight decay e^λ={weight_decay:g}{kappa}")
     return case
 
 
@@ -390,7 +393,7 @@ def bilevel_unrolled(case: Case, k: int) -> Runner:
 
 
 def plain_neumann(case: Case, k: int) -> Runner:
-    """PERFORMANCE.md's plain-autograd reference: K Neumann terms by double backward on one retained graph."""
+    """The plain-autograd reference of docs/peer_costs.md: K Neumann terms by double backward on one retained graph."""
     alpha = case.alpha
     lam_list = [case.lam[n].detach().requires_grad_(True) for n in case.names]
     w_list = [case.w[n].detach().requires_grad_(True) for n in case.names]
@@ -834,6 +837,10 @@ def equal_accuracy(case: Case, contenders: list[Contender], targets: list[float]
         if torchopt and t in best_bilevel and f"TorchOpt CG@{torchopt[0]}" in seconds:
             ratio = seconds[f"TorchOpt CG@{torchopt[0]}"] / best_bilevel[t]
             print(f"- err ≤ {t:g}: TorchOpt CG time / fastest bilevel implicit time = {ratio:.2f} (goal ≥ 2)")
+        plain, mixed = found.get("bilevel CG", {}).get(t), found.get("bilevel CG mixed", {}).get(t)
+        if plain and mixed and f"bilevel CG@{plain[0]}" in seconds and f"bilevel CG mixed@{mixed[0]}" in seconds:
+            speedup = seconds[f"bilevel CG@{plain[0]}"] / seconds[f"bilevel CG mixed@{mixed[0]}"]
+            print(f"- err ≤ {t:g}: bilevel CG (K={plain[0]}) time / bilevel CG mixed (K={mixed[0]}) time = {speedup:.2f}")
 
 
 def memory_vs_k(case: Case, contenders: list[Contender], ks: list[int], mem: PeakMemory) -> None:
@@ -955,14 +962,18 @@ def profile_bilevel(case: Case, k: int, args: argparse.Namespace, with_torchopt:
     fixed = seconds["grad_outer: (L_V, ∂_λ L_V, ∂_w L_V) by torch.func"] + seconds["Linearization: ∇_w L_T with graph"]
     model = fixed + k * hvp + seconds["mixed VJP (Linearization.mixed_vjp)"]
     low_hvp = seconds.get(f"one HVP in {low_name} (hvp_dtype's linearization)")
-    bf16_s = f"; in {low_name}: {low_hvp / unit:.2f}" if low_hvp else ""
+    bf16_s = f"; in {low_name}: {low_hvp / unit:.2f}, speed-up {hvp / low_hvp:.2f}×" if low_hvp else ""
     print(f"\n- one HVP = {hvp / unit:.2f} grad-eq (torch.func jvp∘grad: "
           f"{seconds['one HVP, torch.func jvp∘grad (oracles.hvp)'] / unit:.2f}{bf16_s}); "
           f"linear-solver work beyond the HVPs: Neumann {(neu - k * hvp) / k * 1e3:.3g} ms/term, "
           f"CG {(cgs - k * hvp) / k * 1e3:.3g} ms/iteration")
     print(f"- cost model grad_outer + Linearization + K·HVP + mixed VJP = {model / unit:.1f} grad-eq "
           f"(whole Neumann measured: {seconds[f'whole: implicit_hypergrad Neumann({k})'] / unit:.1f}); "
-          f"fixed part {fixed / unit:.1f} grad-eq, HVPs {k * hvp / unit:.1f}")
+          f"fixed part {fixed / unit:.1f} grad-eq, HVPs {k * hvp / unit:.1f} ({k * hvp / model:.0%} of the model)")
+    plain_cg = outputs.get(f"cg({k}), check=False")
+    if plain_cg is not None:
+        print(f"- CG({k}) on H x = ∂_w L_V from 0: relative residual ‖b − Hx‖/‖b‖ = {float(plain_cg.residual):.2g} "
+              "(reliable updates of low-precision products correct it each time it falls tenfold)")
     cg32 = outputs.get(f"whole: implicit_hypergrad CG({k}), check=False")
     mixed = outputs.get(f"whole: implicit_hypergrad CG({k}), hvp_dtype={low_name}")
     if cg32 is not None and mixed is not None:
@@ -975,6 +986,9 @@ def profile_bilevel(case: Case, k: int, args: argparse.Namespace, with_torchopt:
         print(f"- TorchOpt CG({k}) / bilevel CG({k}) in this round: {torchopt_seconds / whole:.2f}; "
               f"TorchOpt / flat-vector prototype: "
               f"{torchopt_seconds / seconds[f'whole: prototype, flat vector + plain autograd, CG({k})']:.2f}")
+        mixed_seconds = seconds.get(f"whole: implicit_hypergrad CG({k}), hvp_dtype={low_name}")
+        if mixed_seconds is not None:
+            print(f"- TorchOpt CG({k}) / bilevel CG({k}) with {low_name} products: {torchopt_seconds / mixed_seconds:.2f}")
         floor = (seconds["Linearization: ∇_w L_T with graph"] + k * hvp) / unit
         bound = torchopt_seconds / unit / floor
         verdict = ("a 2x at equal accuracy needs fewer or cheaper HVPs (CG over Neumann, warm starts, preconditioning, "

@@ -272,6 +272,11 @@ def run_trajectory(title: str, points: list[peers.Case], contenders: dict[str, C
         ratios = " | ".join(f"{totals[peer] / totals[label]:.2f}" for peer in peer_labels)
         print(f"| {label} | {', '.join(map(str, ks[:3]))} … {ks[-1]}; {sum(ks) / len(ks):.1f} | "
               f"{totals[label] / len(ks) / unit:.1f} | {totals[label] * 1e3:.0f} | {ratios} | {max(tr.errors):.1e} |")
+    mean_k = {label: sum(tr.ks) / len(tr.ks) for label, tr in traces.items() if label not in missed}
+    if {"bilevel CG cold", "bilevel CG warm", "bilevel CG warm + L-BFGS"} <= set(mean_k):
+        best = mean_k["bilevel CG warm + L-BFGS"]
+        print(f"\nMean K (Hessian-vector products per hypergradient): cold / warm + L-BFGS = "
+              f"{mean_k['bilevel CG cold'] / best:.2f}, warm / warm + L-BFGS = {mean_k['bilevel CG warm'] / best:.2f}")
     steady = slice(len(points) // 2, None)
     late = {label: sum(tr.seconds[steady]) for label, tr in traces.items() if label not in missed}
     print(f"\nSecond half of the run (steps {len(points) // 2 + 1}–{len(points)}): TorchOpt CG / bilevel CG warm + L-BFGS = "

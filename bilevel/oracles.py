@@ -7,7 +7,8 @@ Two families:
   perturbations) and with each other.
 * :class:`Linearization`: the graph of ``∇_w L_T`` at one point built once, then Hessian-vector products and
   mixed VJPs as backward passes over the retained graph. Repeated products at a fixed point (Neumann, CG) are
-  2–7× cheaper this way than ``jvp(grad(.))`` (measured, see PERFORMANCE.md), so the implicit hypergradient uses it;
+  several times cheaper this way than ``jvp(grad(.))`` (both timed side by side by the profile of
+  ``benchmarks/hypergrad_peers.py``; docs/peer_costs.md), so the implicit hypergradient uses it;
   batched right-hand sides go through ``is_grads_batched`` (autograd's own ``vmap``).
 
 Oracle calls are counted by kind inside :func:`count_oracle_calls` (a batched call counts once).

@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print("|---|---|---|---|---|---|")
     for name, va, te, hp, passes, secs in rows:
         print(f"| {name} | {va:.4f} | {te:.4f} | {hp} | {passes} | {secs:.1f} |")
+    print(f"wall time relative to the fixed run: random search {rows[1][5] / rows[0][5]:.1f}×, "
+          f"STN {rows[2][5] / rows[0][5]:.1f}×")
 
     print()
     print("STN schedule (constrained values at λ, perturbation scale σ in unconstrained units):")

@@ -4,12 +4,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Data: Fashion-MNIST and the spam data frame of R's kernlab (read without R; --no-install-recommends keeps R to
+# r-base-core). The tests that read them FAIL when run as root without them (they skip only for users who are not
+# root). Service: PostgreSQL (its tests skip without it).
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+  data=()
+  [ -d /usr/share/datasets/fashion-mnist ] || data+=(dataset-fashion-mnist)
+  [ -f /usr/lib/R/site-library/kernlab/data/spam.rda ] || data+=(r-cran-kernlab)
   need=()
-  [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
   command -v pg_ctlcluster >/dev/null || [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql)
-  if [ ${#need[@]} -gt 0 ]; then
+  if [ ${#data[@]} -gt 0 ] || [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq >/dev/null 2>&1 || true
+  fi
+  if [ ${#data[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${data[@]}" >/dev/null 2>&1 \
+      || echo "setup: could not apt-get install ${data[*]}; the tests that read them will fail (run as root)" >&2
+  fi
+  if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null 2>&1 \
       || echo "setup: could not apt-get install ${need[*]}; tests that need them will be skipped" >&2
   fi

@@ -1,4 +1,4 @@
-"""F2SA (Kwon et al., 2023) on the spec's quadratic, where the penalty minimizer is known in closed form.
+"""F2SA (Kwon et al., 2023) on the quadratic of docs/test_problems.md, where the penalty minimizer is known in closed form.
 
 g = ½‖y − Ax‖² (inner), f = ½‖y − b‖² + ρ/2‖x‖² (outer): x* = (AᵀA + ρI)⁻¹Aᵀb, and the minimizer of the penalty
 function L*_λ(x) = min_y f + λ(g − min g) is x*_λ = (cAᵀA + ρI)⁻¹cAᵀb with c = λ/(1 + λ), so ‖x*_λ − x*‖ ~ 1/λ.

@@ -5,7 +5,7 @@ r"""A synthetic quadratic bilevel problem whose hypergradient and optimum are kn
     F(\lambda, w) = \tfrac12 (w - t)^\top P (w - t) + \tfrac{\rho}{2}\|\lambda\|^2,
 
 with A ≻ 0 (eigenvalues log-spaced in [1/cond, 1]), P ⪰ 0, ρ > 0; inner dim 100, outer dim 10 by default
-(ALGORITHMS.md, "Benchmark problems"). The inner solution, the hypergradient and the optimum are
+(docs/test_problems.md). The inner solution, the hypergradient and the optimum are
 
 .. math::
     w^*(\lambda) = A^{-1}(B\lambda + c),\quad J = A^{-1}B,\quad

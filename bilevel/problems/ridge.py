@@ -5,7 +5,7 @@ r"""Per-weight ridge regression: the analytic test problem of implicit different
     L_V(w) = \tfrac12\|X_v w - y_v\|^2.
 
 With H = X_tᵀX_t + diag(e^λ): w* = H⁻¹X_tᵀy_t and
-dL_V/dλ_j = −e^{λ_j} w*_j (H⁻¹X_vᵀ(X_v w* − y_v))_j (Lorraine et al., 2020, App.; ALGORITHMS.md §1).
+dL_V/dλ_j = −e^{λ_j} w*_j (H⁻¹X_vᵀ(X_v w* − y_v))_j (Lorraine et al., 2020, App.; docs/test_problems.md).
 """
 
 from __future__ import annotations
