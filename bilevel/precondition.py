@@ -206,10 +206,12 @@ def lbfgs_preconditioner(pairs: Sequence[CurvaturePair], *, memory: int = 10) ->
     r"""M = H_LBFGS ≈ A⁻¹ from the first ``memory`` pairs with positive curvature sᵀy > 0, or None if there are none.
 
     Meant for the pairs :func:`bilevel.linsolve.cg` records (``record_pairs``), which are its first ones: CG's first
-    directions resolve the largest eigenvalues of A, which is what a preconditioner has to take out. A
-    :class:`CurvaturePairs` (what ``cg`` and :func:`recycle_pairs` return) is read in place, other pairs are copied
-    once. Morales & Nocedal, 2000, "Automatic Preconditioning by Limited Memory Quasi-Newton Updating", SIAM J.
-    Optim. 10(4).
+    directions resolve the largest eigenvalues of A, which is what a preconditioner has to take out. Measured by
+    ``benchmarks/preconditioner_iterations.py`` (CG iterations over 30 outer steps of the ``cg`` solver at rtol 1e-8,
+    ridge / breast cancer / spambase): recycling each solve's first 10 pairs 884 / 431 / 500, its last 10 pairs
+    1044 / 548 / 623, no preconditioner 1132 / 616 / 717. A :class:`CurvaturePairs` (what ``cg`` and
+    :func:`recycle_pairs` return) is read in place, other pairs are copied once. Morales & Nocedal, 2000, "Automatic
+    Preconditioning by Limited Memory Quasi-Newton Updating", SIAM J. Optim. 10(4).
     """
     if memory < 1:
         raise BilevelError(f"lbfgs_preconditioner: memory must be >= 1, got {memory}.")
@@ -235,7 +237,11 @@ def recycle_pairs(
     as a :class:`CurvaturePairs` (``()`` when both are empty).
 
     A preconditioned solve that converges in a few iterations records only a few new pairs; topping them up with the
-    previous solve's keeps the next preconditioner from losing what the last one knew. When ``new`` is what
+    previous solve's keeps the next preconditioner from losing what the last one knew. Measured by
+    ``benchmarks/preconditioner_iterations.py`` (CG iterations over 30 outer steps of the ``cg`` solver, ridge /
+    breast cancer / spambase): at rtol 1e-4, where solves are shorter than the memory, 325 / 152 / 167 against
+    331 / 170 / 177 with the latest solve's pairs alone (532 / 337 / 348 without preconditioner); at rtol 1e-8,
+    where every solve records its 10 pairs, 884 / 431 / 500 against 884 / 443 / 500. When ``new`` is what
     ``cg(..., record_pairs=memory)`` returned, the old pairs kept are copied into the free rows of its matrix (no new
     matrix: ``old``'s is left as it is, and freed with the last reference to it) and the Gram matrix is extended
     rather than recomputed: ``old``'s entries are reused and only the products with the new pairs are formed.
