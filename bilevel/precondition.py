@@ -58,6 +58,21 @@ class _Storage:
         self.used += 1
         return slot
 
+    def extend(self, pairs: Sequence[CurvaturePair]) -> list[int]:
+        """Copy ``pairs`` into the next free slots and return them: the rows of a :class:`CurvaturePairs` of the same
+        size, dtype and device in one gather (no temporary), other pairs one by one."""
+        source = pairs._storage.rows if isinstance(pairs, CurvaturePairs) else None
+        rows = self.rows
+        if (source is None or rows is None or source.shape[1] != rows.shape[1] or source.dtype != rows.dtype
+                or source.device != rows.device or self.used + len(pairs) > self.capacity):
+            return [self.append(s, y) for s, y in pairs]
+        assert isinstance(pairs, CurvaturePairs)
+        index = torch.tensor([row for slot in pairs._slots for row in (2 * slot, 2 * slot + 1)], device=rows.device)
+        start = self.used
+        torch.index_select(source, 0, index, out=rows[2 * start : 2 * (start + len(pairs))])
+        self.used += len(pairs)
+        return list(range(start, self.used))
+
 
 class CurvaturePairs(Sequence[CurvaturePair]):
     r"""Curvature pairs (s_i, y_i = A s_i), oldest first, held as the rows of one matrix in the working dtype, with
@@ -73,6 +88,7 @@ class CurvaturePairs(Sequence[CurvaturePair]):
         self._storage = storage
         self._slots = tuple(slots)
         self._gram = gram
+        self._block: tuple[Tensor, np.ndarray] | None = None
 
     @classmethod
     def from_pairs(cls, pairs: Sequence[CurvaturePair], *, capacity: int | None = None) -> CurvaturePairs:
@@ -126,12 +142,13 @@ class CurvaturePairs(Sequence[CurvaturePair]):
     def _rows(self) -> tuple[Tensor, np.ndarray]:
         """The contiguous rows of the matrix that cover this handle's slots (a view) and, for each logical index of
         [S Y] (s_1 … s_n, y_1 … y_n), its row in that block."""
-        rows = self._storage.rows
-        assert rows is not None and self._slots
-        slots = np.asarray(self._slots, dtype=int)
-        low = 2 * int(slots.min())
-        block = rows[low : 2 * int(slots.max()) + 2]
-        return block, np.concatenate([2 * slots, 2 * slots + 1]) - low
+        if self._block is None:
+            rows = self._storage.rows
+            assert rows is not None and self._slots
+            low = 2 * min(self._slots)
+            slots = np.asarray(self._slots, dtype=int)
+            self._block = rows[low : 2 * max(self._slots) + 2], np.concatenate([2 * slots, 2 * slots + 1]) - low
+        return self._block
 
 
 class LBFGSPreconditioner:
@@ -171,7 +188,7 @@ class LBFGSPreconditioner:
         at the rows the pairs occupy in the matrix (zeros elsewhere), so the products read that matrix in place."""
         n, m = len(pairs), keep.size
         logical = np.concatenate([keep, keep + n])
-        gram = pairs.gram[np.ix_(logical, logical)]
+        gram = pairs.gram if m == n else pairs.gram[np.ix_(logical, logical)]
         sy, yy = gram[:m, m:], gram[m:, m:]  # (SᵀY)_ij = s_iᵀ y_j
         curvature = np.diag(sy)
         if not (curvature > 0).all():
@@ -260,7 +277,7 @@ def recycle_pairs(
     if storage.capacity - storage.used < keep:  # no free slots (a full matrix, or another recycle took them): copy
         return CurvaturePairs.from_pairs([*old[len(old) - keep :], *new], capacity=memory)
     kept = old[len(old) - keep :]
-    slots = [storage.append(s, y) for s, y in kept] + list(new._slots)
+    slots = storage.extend(kept) + list(new._slots)
     known = kept._gram if isinstance(kept, CurvaturePairs) else None
     return CurvaturePairs(storage, slots, None if known is None else _extend_gram(storage, slots, keep, known))
 
@@ -268,20 +285,18 @@ def recycle_pairs(
 def _extend_gram(storage: _Storage, slots: Sequence[int], keep: int, known: np.ndarray) -> np.ndarray:
     """The Gram matrix of the pairs in ``slots``, whose first ``keep`` have Gram matrix ``known``: only the
     products of the others' rows with every row are formed."""
-    rows = storage.rows
-    assert rows is not None
     n = len(slots)
-    pairs = CurvaturePairs(storage, slots)
-    block, position = pairs._rows()
+    block, position = CurvaturePairs(storage, slots)._rows()
     fresh = np.concatenate([np.arange(keep, n), n + np.arange(keep, n)])  # logical indices of the new pairs
     new_rows = position[fresh]
     low = int(new_rows.min())
     products = _products(block[low : int(new_rows.max()) + 1], block)
     gram = np.empty((2 * n, 2 * n))
-    gram[np.ix_(fresh, np.arange(2 * n))] = products[np.ix_(new_rows - low, position)]
-    gram[np.ix_(np.arange(2 * n), fresh)] = gram[np.ix_(fresh, np.arange(2 * n))].T
-    old = np.concatenate([np.arange(keep), n + np.arange(keep)])
-    gram[np.ix_(old, old)] = known
+    gram[fresh] = products[new_rows - low][:, position]
+    gram[:, fresh] = gram[fresh].T
+    for rows, known_rows in ((slice(0, keep), slice(0, keep)), (slice(n, n + keep), slice(keep, 2 * keep))):
+        gram[rows, :keep] = known[known_rows, :keep]
+        gram[rows, n : n + keep] = known[known_rows, keep:]
     return gram
 
 
