@@ -10,7 +10,9 @@ Files are written atomically (a temporary file beside the target, flushed to dis
 process killed at any moment leaves the previous checkpoint or the new one, never a torn file. They contain only
 tensors, numbers, strings, None, lists, tuples and dicts: they load with ``torch.load(weights_only=True)``, and the
 solver state's own types (frozen dataclasses and named tuples) are rebuilt only from the types a fresh
-``solver.init(problem)`` produces and the optimizer states of :mod:`bilevel.optim`, never from a name in the file.
+``solver.init(problem)`` produces, the optimizer states of :mod:`bilevel.optim` and
+:class:`~bilevel.precondition.CurvaturePairs` (objects with ``to_state``/``from_state``), never from a name in the
+file.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor
 
 from bilevel import optim
 from bilevel.errors import BilevelError
+from bilevel.precondition import CurvaturePairs
 
 FORMAT = "bilevel-checkpoint"
 VERSION = 1
@@ -109,6 +112,8 @@ def encode(x: Any) -> Any:
                 "fields": {f.name: encode(getattr(x, f.name)) for f in dataclasses.fields(x)}}
     if isinstance(x, tuple) and hasattr(x, "_fields"):
         return {"t": "namedtuple", "type": _name(type(x)), "items": [encode(v) for v in x]}
+    if callable(getattr(x, "to_state", None)) and callable(getattr(type(x), "from_state", None)):
+        return {"t": "object", "type": _name(type(x)), "state": encode(x.to_state())}
     if isinstance(x, (tuple, list)):
         return {"t": type(x).__name__, "items": [encode(v) for v in x]}
     if isinstance(x, dict):
@@ -131,7 +136,7 @@ def decode(x: Any, types: dict[str, type]) -> Any:
         return tuple(items) if tag == "tuple" else items
     if tag == "dict":
         return {decode(k, types): decode(v, types) for k, v in x["items"]}
-    if tag in ("dataclass", "namedtuple"):
+    if tag in ("dataclass", "namedtuple", "object"):
         cls = types.get(x["type"])
         if cls is None:
             raise BilevelError(
@@ -140,6 +145,8 @@ def decode(x: Any, types: dict[str, type]) -> Any:
             )
         if tag == "namedtuple":
             return cls(*(decode(v, types) for v in x["items"]))
+        if tag == "object":
+            return cls.from_state(decode(x["state"], types))
         obj = cls.__new__(cls)
         for name, value in x["fields"].items():
             object.__setattr__(obj, name, decode(value, types))
@@ -149,7 +156,7 @@ def decode(x: Any, types: dict[str, type]) -> Any:
 
 def allowed_types(template: Any) -> dict[str, type]:
     """The dataclass and named-tuple types reachable from ``template``, plus :mod:`bilevel.optim`'s states."""
-    found: dict[str, type] = {_name(t): t for t in (optim.MomentumState, optim.AdamState)}
+    found: dict[str, type] = {_name(t): t for t in (optim.MomentumState, optim.AdamState, CurvaturePairs)}
 
     def visit(x: Any) -> None:
         if dataclasses.is_dataclass(x) and not isinstance(x, type):
@@ -160,6 +167,8 @@ def allowed_types(template: Any) -> dict[str, type]:
             found[_name(type(x))] = type(x)
             for v in x:
                 visit(v)
+        elif callable(getattr(type(x), "from_state", None)):
+            found[_name(type(x))] = type(x)
         elif isinstance(x, (tuple, list)):
             for v in x:
                 visit(v)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from bilevel import tree
 from bilevel.errors import BilevelError
+from bilevel.precondition import CurvaturePairs, _Storage
 from bilevel.types import MatVec, Params
 
 
@@ -28,13 +29,14 @@ class LinSolveResult:
         x: the solution estimate.
         iterations: matrix-vector products spent.
         residual: ‖b − A x‖ / ‖b‖ (see each solver for how it is obtained; a 0-d tensor).
-        pairs: curvature pairs (p, A p) met on the way (``cg(..., record_pairs=m)``; empty otherwise).
+        pairs: curvature pairs (p, A p) met on the way (``cg(..., record_pairs=m)``: a
+            :class:`~bilevel.precondition.CurvaturePairs`, one matrix with room for m pairs; ``()`` otherwise).
     """
 
     x: Params
     iterations: int
     residual: Tensor
-    pairs: tuple[tuple[Params, Params], ...] = ()
+    pairs: Sequence[tuple[Params, Params]] = ()
 
 
 LinearSolver = Callable[..., LinSolveResult]
@@ -156,7 +158,9 @@ def cg(
 
     ``record_pairs=m`` keeps the first m curvature pairs (p_k, A p_k) in ``LinSolveResult.pairs`` (needs
     ``check=True``, which guarantees pᵀAp > 0): :func:`bilevel.precondition.lbfgs_preconditioner` turns them into
-    a preconditioner for the next, similar system at no extra matvec (Morales & Nocedal, 2000).
+    a preconditioner for the next, similar system at no extra matvec (Morales & Nocedal, 2000). They are copied
+    into the rows of one (2m, P) matrix, allocated at the first pair (a
+    :class:`~bilevel.precondition.CurvaturePairs`; :func:`~bilevel.precondition.recycle_pairs` fills its free rows).
 
     Mixed precision: when ``precise_matvec`` is given (or ``matvec.precise`` exists), ``matvec`` is taken as a
     cheap, inexact product (e.g. Hessian-vector products in bfloat16) and ``precise_matvec`` as the exact one. The
@@ -247,7 +251,7 @@ def _cg_checked(
     threshold = max(rtol * b_norm, atol) ** 2
     z, rs, rz = _precondition(preconditioner, r)
     p = z
-    pairs: list[tuple[Params, Params]] = []
+    recorded = _Storage(record_pairs) if record_pairs else None
     for _ in range(maxiter):
         if rs <= threshold:
             break
@@ -265,8 +269,8 @@ def _cg_checked(
                 "not positive definite here. Use method='minres' (linsolve='minres': MINRES handles symmetric "
                 "indefinite Hessians), add inner regularisation, or run more inner steps."
             )
-        if len(pairs) < record_pairs:
-            pairs.append((p, ap))
+        if recorded is not None and recorded.used < record_pairs:
+            recorded.append(p, ap)
         step = rz / curvature
         x = tree.axpy(step, p, x)
         r = tree.axpy(-step, ap, r)
@@ -279,7 +283,8 @@ def _cg_checked(
         rz = rz_new
     dtype = tree.floating_dtype(x)
     residual = torch.tensor(math.sqrt(rs) / max(b_norm, 1e-300), dtype=dtype)
-    return LinSolveResult(x=x, iterations=iterations, residual=residual, pairs=tuple(pairs))
+    pairs = CurvaturePairs(recorded, range(recorded.used)) if recorded is not None and recorded.used else ()
+    return LinSolveResult(x=x, iterations=iterations, residual=residual, pairs=pairs)
 
 
 def _precondition(preconditioner: MatVec | None, r: Params) -> tuple[Params, float, float]:

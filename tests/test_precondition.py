@@ -1,10 +1,13 @@
 """Preconditioned CG and the L-BFGS preconditioner recycled from an earlier solve's curvature pairs.
 
 Oracles: the sequential dense BFGS inverse update (Nocedal & Wright, eq. 6.17) for the compact form, the secant
-equations, dense LU solves, the ridge closed form, and the unpreconditioned run of the same solver.
+equations, dense LU solves, the ridge closed form, the unpreconditioned run of the same solver, and for the pairs'
+storage the tuple recipe (old + new)[-m:] on plain (s, y) pairs, a Gram matrix formed from scratch and the float64
+product of the cast pairs.
 """
 
 import functools
+from unittest import mock
 
 import pytest
 import torch
@@ -12,9 +15,11 @@ from test_hypergrad import rel_err, ridge_setup
 from test_linsolve import spd_system, symmetric_system
 
 import bilevel
-from bilevel import BilevelError, cg, implicit_hypergrad, lbfgs_preconditioner, tree
-from bilevel.precondition import LBFGSPreconditioner
+from bilevel import BilevelError, cg, implicit_hypergrad, lbfgs_preconditioner, precondition, tree
+from bilevel.data import DataStreams
+from bilevel.precondition import CurvaturePairs, LBFGSPreconditioner, recycle_pairs
 from bilevel.problems.ridge import ridge_hypergrad
+from bilevel.registry import make_solver
 
 
 def outlier_system(n: int = 120, n_large: int = 8, seed: int = 0, device: str = "cpu"):
@@ -30,6 +35,16 @@ def outlier_system(n: int = 120, n_large: int = 8, seed: int = 0, device: str = 
 def dense(op, like, n):
     """The matrix of a linear map on Params, column by column."""
     return torch.stack([tree.flatten(op(tree.unflatten(e, like))) for e in torch.eye(n, dtype=torch.float64)], dim=1)
+
+
+def storages(pairs) -> set[int]:
+    """The storages (data pointers) behind every s and y of ``pairs``."""
+    return {t.untyped_storage().data_ptr() for s, y in pairs for t in (*s.values(), *y.values())}
+
+
+def snapshot(pairs) -> list[torch.Tensor]:
+    """Copies of the pairs' values, flattened: s_1, y_1, s_2, ..."""
+    return [tree.flatten(v).clone() for pair in pairs for v in pair]
 
 
 def test_compact_form_equals_sequential_bfgs_updates():
@@ -68,6 +83,98 @@ def test_cg_pairs_are_conjugate_so_every_secant_equation_holds():
     assert precond is not None and precond.size == 10
     for s, y in result.pairs:
         assert rel_err(tree.flatten(precond(y)), tree.flatten(s)) <= 1e-10
+
+
+def test_cg_records_pairs_in_one_matrix_that_the_preconditioner_reads_in_place():
+    """record_pairs=m: the pairs are copies of CG's (p, Ap) (y = A s exactly) in one storage of 2m rows of P entries,
+    and the preconditioner built from them reads that storage (no second copy of the pairs)."""
+    a, b, matvec = outlier_system()
+    pairs = cg(matvec, b, rtol=1e-12, maxiter=200, record_pairs=10).pairs
+    assert isinstance(pairs, CurvaturePairs) and len(pairs) == 10
+    (pointer,) = storages(pairs)
+    assert pairs[0][0]["u"].untyped_storage().nbytes() == 2 * 10 * a.shape[0] * 8
+    for s, y in pairs:
+        torch.testing.assert_close(tree.flatten(y), a @ tree.flatten(s), rtol=1e-14, atol=0.0)
+    precond = lbfgs_preconditioner(pairs)
+    assert precond._basis.untyped_storage().data_ptr() == pointer
+
+
+def test_recycle_pairs_tops_up_the_new_matrix_and_extends_the_gram_matrix():
+    """recycle_pairs(old, new) with 4 new pairs and memory 10: the same pairs as the tuple recipe (old + new)[-10:]
+    (equal values), in new's matrix (its free rows), old's values untouched; the Gram matrix is extended by products
+    of the 4 new pairs' rows only and equals one formed from scratch to 1e-12, the preconditioner the one from plain
+    tuples to 1e-12 (dense, relative)."""
+    a, b, matvec = outlier_system()
+    old = cg(matvec, b, rtol=0.0, maxiter=10, record_pairs=10).pairs
+    lbfgs_preconditioner(old)  # forms old's Gram matrix, as the solver's previous step did
+    old_values = snapshot(old)
+    b2 = tree.unflatten(torch.randn(a.shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64), b)
+    new = cg(matvec, b2, rtol=0.0, maxiter=4, record_pairs=10).pairs
+    rows, original = [], precondition._products
+
+    def products(left, right):
+        rows.append(left.shape[0])
+        return original(left, right)
+
+    with mock.patch.object(precondition, "_products", products):
+        kept = recycle_pairs(old, new, memory=10)
+    assert rows and max(rows) <= 2 * len(new), rows
+    expected = (tuple(old) + tuple(new))[-10:]
+    assert len(kept) == 10
+    for got, want in zip(snapshot(kept), snapshot(expected)):
+        assert torch.equal(got, want)
+    assert storages(kept) == storages(new)
+    assert all(torch.equal(x, y) for x, y in zip(snapshot(old), old_values))
+    fresh = CurvaturePairs.from_pairs([(tree.clone(s), tree.clone(y)) for s, y in expected])
+    assert rel_err(torch.from_numpy(kept.gram), torch.from_numpy(fresh.gram)) <= 1e-12
+    n = a.shape[0]
+    reference = dense(LBFGSPreconditioner([(tree.clone(s), tree.clone(y)) for s, y in expected]), b, n)
+    assert rel_err(dense(lbfgs_preconditioner(kept), b, n), reference) <= 1e-12
+
+
+def test_recycling_the_same_new_pairs_twice_keeps_both_results():
+    """Two recycles of one solve's pairs with different old ones (a benchmark retrying a step from the same state):
+    the second finds new's free rows taken and copies into a matrix of its own; each result equals its tuple recipe."""
+    a, b, matvec = outlier_system()
+    old_a = cg(matvec, b, rtol=0.0, maxiter=10, record_pairs=10).pairs
+    old_b = cg(matvec, tree.scale(b, -2.0), rtol=0.0, maxiter=10, record_pairs=10).pairs
+    new = cg(matvec, tree.unflatten(torch.linspace(-1, 1, a.shape[0], dtype=torch.float64), b), rtol=0.0, maxiter=3,
+             record_pairs=10).pairs
+    first = recycle_pairs(old_a, new, memory=10)
+    second = recycle_pairs(old_b, new, memory=10)
+    assert storages(first) == storages(new) and not storages(second) & storages(new)
+    for kept, old in ((first, old_a), (second, old_b)):
+        for got, want in zip(snapshot(kept), snapshot((tuple(old) + tuple(new))[-10:]), strict=True):
+            assert torch.equal(got, want)
+
+
+def test_gram_matrix_of_float32_pairs_is_the_float64_product():
+    """float32 pairs of P = 10 000 entries (the Gram matrix formed in blocks of columns): equal to the float64 product
+    of the pairs cast to float64 to 1e-13 relative."""
+    gen = torch.Generator().manual_seed(2)
+    pairs = [({"x": torch.randn(10_000, generator=gen)}, {"x": torch.randn(10_000, generator=gen)}) for _ in range(10)]
+    rows = torch.stack([tree.flatten(v).double() for v in [s for s, _ in pairs] + [y for _, y in pairs]])
+    gram = CurvaturePairs.from_pairs(pairs).gram
+    assert rel_err(torch.from_numpy(gram), rows @ rows.T) <= 1e-13
+
+
+def test_cg_solver_holds_its_pairs_in_one_matrix_and_leaves_the_state_it_steps_from():
+    """After steps of ``cg`` (memory 10, solves of 3 to 8 iterations, so pairs are topped up): the state's 10 pairs
+    live in one storage of 2·10 rows of P entries; two steps from one state agree exactly and leave its pairs as
+    they were (a step writes no row that an earlier state's pairs use)."""
+    problem, *_ = ridge_setup(torch.float64)
+    solver = make_solver("cg", inner_steps=50, inner_lr=0.01, cg_rtol=1e-10)
+    data = DataStreams(problem.inner_data, problem.outer_data)
+    state = solver.init(problem)
+    for _ in range(4):
+        state, _ = solver.step(problem, state, data)
+    pairs = state.pairs
+    assert len(pairs) == 10 and len(storages(pairs)) == 1
+    assert pairs[0][0]["value"].untyped_storage().nbytes() == 2 * 10 * 8 * 8
+    before = snapshot(pairs)
+    first, second = (solver.step(problem, state, data)[0] for _ in range(2))
+    assert torch.equal(first.outer["value"], second.outer["value"])
+    assert all(torch.equal(x, y) for x, y in zip(snapshot(pairs), before))
 
 
 def test_recycled_preconditioner_cuts_iterations_on_a_nearby_system(device):
@@ -171,6 +278,8 @@ def test_preconditioner_errors():
         LBFGSPreconditioner([(s, tree.scale(s, -1.0))])
     with pytest.raises(BilevelError, match="memory must be >= 1"):
         lbfgs_preconditioner([(s, s)], memory=0)
+    with pytest.raises(BilevelError, match="recycle_pairs: memory must be >= 1"):
+        recycle_pairs((), [(s, s)], memory=0)
     # pairs without positive curvature are dropped; none left -> no preconditioner (plain CG)
     assert lbfgs_preconditioner([(s, tree.scale(s, -1.0))]) is None
     assert lbfgs_preconditioner([(s, tree.scale(s, -1.0)), (s, s)]).size == 1

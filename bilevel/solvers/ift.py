@@ -26,7 +26,7 @@ from bilevel.hypergrad import Hypergradient, implicit_hypergrad
 from bilevel.linsolve import NeumannDivergenceError, cg, exact, minres, neumann, step_advice
 from bilevel.optim import Optimizer, make_optimizer
 from bilevel.options import Momentum, NonNegativeInt, OptimizerName, Options, PositiveFloat, PositiveInt, owner_name
-from bilevel.precondition import lbfgs_preconditioner, recycle_pairs
+from bilevel.precondition import CurvaturePairs, lbfgs_preconditioner, recycle_pairs
 from bilevel.problem import Problem
 from bilevel.registry import register
 from bilevel.solvers.common import (
@@ -51,7 +51,8 @@ class ImplicitState:
         outer, inner, buffers: current λ, w and module buffers.
         inner_opt, outer_opt: optimizer states.
         v: last inverse-HVP solution H⁻¹∂_w L_V (warm start for CG), or None.
-        pairs: the latest curvature pairs (p, Hp) of the CG solves (recycled into the preconditioner), or ().
+        pairs: the latest curvature pairs (p, Hp) of the CG solves (recycled into the preconditioner; one (2m, P)
+            matrix, see :class:`~bilevel.precondition.CurvaturePairs`), or ().
         curvature: L̂ ≈ λ_max(∇²_ww L_T) by power iteration at the first step (Neumann), or None.
     """
 
@@ -61,7 +62,7 @@ class ImplicitState:
     inner_opt: Any
     outer_opt: Any
     v: Params | None = None
-    pairs: tuple[tuple[Params, Params], ...] = ()
+    pairs: CurvaturePairs | tuple[()] = ()
     curvature: float | None = None
 
 
@@ -77,8 +78,10 @@ class IFT(Options):
     Hessian-vector products in a lower precision with reliable residual updates in the working one (see
     :func:`bilevel.implicit_hypergrad`). ``cg_preconditioner="lbfgs"`` preconditions each CG solve with the L-BFGS
     matrix of the latest ``cg_preconditioner_memory`` curvature pairs the previous solves met (Morales & Nocedal,
-    2000; :mod:`bilevel.precondition`): no extra Hessian-vector products, 2·memory extra vectors of memory, and with
-    the warm start it takes most of the work off the solve when the Hessian moves slowly between outer steps.
+    2000; :mod:`bilevel.precondition`): no extra Hessian-vector products; with m = ``cg_preconditioner_memory`` it
+    holds 2m vectors of the inner size between outer steps and, at the peak of a step, 4m + 1 more than plain CG
+    (``benchmarks/preconditioner_memory.py``); with the warm start it takes most of the work off the solve when the
+    Hessian moves slowly between outer steps.
     """
 
     differentiates: ClassVar[str | None] = "solution"
@@ -114,7 +117,7 @@ class IFT(Options):
         inner = make_inner_optimizer(self.inner_optimizer, self.inner_lr, self.inner_momentum)
         return inner, make_optimizer(self.outer_optimizer, self.outer_lr)
 
-    def linear_solver(self, pairs: tuple[tuple[Params, Params], ...] = ()) -> Any:
+    def linear_solver(self, pairs: CurvaturePairs | tuple[()] = ()) -> Any:
         """The configured ``solve(matvec, b, [x0]) -> LinSolveResult``; ``pairs``: the previous CG solve's
         curvature pairs, for the recycled preconditioner."""
         if self.linsolve == "neumann":
@@ -132,7 +135,7 @@ class IFT(Options):
 
     def hypergradient(
         self, problem: Problem, outer: Params, inner: Params, data: DataStreams,
-        buffers: Params | None = None, x0: Params | None = None, pairs: tuple[tuple[Params, Params], ...] = (),
+        buffers: Params | None = None, x0: Params | None = None, pairs: CurvaturePairs | tuple[()] = (),
     ) -> Hypergradient:
         """dF/dλ at (λ, w) by the implicit rule with this solver's linear solver (``x0``, ``pairs``: the previous
         solve's solution and curvature pairs, used when warm starts / the preconditioner are on)."""
@@ -187,7 +190,9 @@ class IFT(Options):
 class CG(IFT):
     """:class:`IFT` with conjugate gradient for H⁻¹ (wants a positive-definite inner Hessian; ~√κ·log(1/ε) HVPs),
     warm-started from the previous outer step's solution and preconditioned by the curvature its solves met
-    (``cg_preconditioner="lbfgs"``; ``None`` turns it off and saves its 2·``cg_preconditioner_memory`` vectors)."""
+    (``cg_preconditioner="lbfgs"``; ``None`` turns it off and saves its memory: 2m vectors of the inner size between
+    outer steps and 4m + 1 at the peak of a step, m = ``cg_preconditioner_memory``;
+    ``benchmarks/preconditioner_memory.py``)."""
 
     linsolve: LinSolveName = dataclasses.field(default="cg", init=False)  # the method itself: not an option
     cg_preconditioner: PreconditionerName | None = "lbfgs"
