@@ -5,8 +5,8 @@ Public API: describe the task as a :class:`Problem`, call :func:`solve`, read th
 
 from bilevel import problems, solvers  # solvers: registers the built-in methods
 from bilevel.callbacks import EarlyStopping, ProgressBar, StepInfo
-from bilevel.check import HypergradCheck, check_hypergradient
-from bilevel.errors import BilevelError
+from bilevel.check import HypergradCheck, check_hypergradient, hypergradient
+from bilevel.errors import BilevelError, BilevelWarning
 from bilevel.functional import ModuleView
 from bilevel.history import History
 from bilevel.hypergrad import Hypergradient, implicit_hypergrad, unrolled_hypergrad
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BilevelError",
+    "BilevelWarning",
     "EarlyStopping",
     "History",
     "HypergradCheck",
@@ -34,6 +35,7 @@ __all__ = [
     "available_methods",
     "cg",
     "check_hypergradient",
+    "hypergradient",
     "exact",
     "implicit_hypergrad",
     "lbfgs_preconditioner",

@@ -26,7 +26,7 @@ from bilevel import oracles, tree
 from bilevel.errors import BilevelError
 from bilevel.linsolve import LinSolveResult, cg
 from bilevel.optim import Optimizer
-from bilevel.problem import Problem
+from bilevel.problem import Problem, check_finite
 from bilevel.types import Batch, Params
 
 
@@ -134,6 +134,7 @@ def implicit_hypergrad(
     """
     solve = solve or functools.partial(cg, maxiter=50)
     outer_loss, d_outer, d_inner = oracles.grad_outer(problem, outer, inner, outer_batch, buffers)
+    check_finite("outer_loss", outer_loss)  # one sync; a NaN here would surface as a NaN residual inside the solve
     lin, hessian = _hessian_operator(problem, outer, inner, inner_batch, buffers, hvp_dtype)
     result = solve(hessian, d_inner) if x0 is None else solve(hessian, d_inner, x0=x0)
     indirect = lin.mixed_vjp(result.x)
