@@ -4,8 +4,8 @@ L-BFGS preconditioner).
 
 Oracles: the ridge's closed-form Hessian H = X_tᵀX_t + diag(e^λ) and outer gradient X_vᵀ(X_v w − y_v) for the
 residual a warm start begins with; a cold run in the same test (``warm_start=False``) for the iterations a warm start
-saves; a hand-built step (the previous state's pairs through ``lbfgs_preconditioner``, the previous ``v`` as x0,
-``implicit_hypergrad``) for what the solver's next solve used.
+saves; a hand-built solve (the previous state's pairs through ``lbfgs_preconditioner`` into ``implicit_hypergrad``)
+for the preconditioner the solver's next solve used.
 """
 
 import functools
