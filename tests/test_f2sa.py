@@ -96,6 +96,24 @@ def test_stochastic_minibatches_get_close(momentum):
     assert F2SA().exponents(DataStreams(problem.inner_data, problem.outer_data)) == (5 / 7, 4 / 7)
 
 
+def test_storm_momentum_beats_plain_stochastic_gradients_at_equal_oracle_calls():
+    """STORM variance reduction (``momentum=True``) against plain stochastic gradients with one inner step
+    (``inner_steps=1``: 3T + 3 = 6 gradients per step, as the momentum variant's 6), same step sizes and penalty,
+    noisy oracles at both levels (σ = 0.3, batches of 8), 200 steps, 6 seeds: the mean ‖x − x*‖ (closed-form x*) with
+    momentum is below 70% of the plain one (measured 0.021 against 0.051, ratio 0.41). With the STORM correction
+    removed (every estimator the raw stochastic gradient) the momentum variant measured 1.2× the plain error."""
+    problem, a, b = quadratic(sigma=0.3)
+    xs = x_star(a, b)
+    errors, calls = {}, {}
+    for name, options in (("storm", dict(momentum=True)), ("plain", dict(inner_steps=1))):
+        runs = [solve(problem, "f2sa", maxiter=200, penalty0=30.0, inner_lr=0.8, outer_lr=0.5, seed=seed, **options)
+                for seed in range(6)]
+        errors[name] = sum(float((r.outer - xs).norm()) for r in runs) / len(runs)
+        calls[name] = runs[0].history["oracle_calls"][-1]
+    assert calls["storm"] <= calls["plain"] == 6 * 200
+    assert errors["storm"] < 0.7 * errors["plain"], errors
+
+
 def test_oracle_counts_in_history():
     """Stated cost: 3T + 3 gradients per outer step (T z-steps, T y-steps of ∇f + ∇g, then ∇_x f, ∇_x g twice);
     momentum: 3 at the first step, 6 after. Counted by kind in the history's cumulative ``calls_*``."""

@@ -70,12 +70,18 @@ def test_neumann_divergence_names_a_converging_step_size():
 
 
 def test_cg_warm_start_and_negative_curvature():
-    a, b, params, matvec = spd_system()
+    """A start 1e-6 from the solution (initial residual ≈ 3e-5·‖b‖) has five of the ten decades to 1e-10 already
+    done: at most 75% of the cold run's iterations in the same test (measured 33 against 66, the extra product for
+    the initial residual included), and both reach the dense solve (κ·rtol = 5e-9 bounds the error; checked 1e-8).
+    On a system small enough for CG to terminate in n steps (n = 12) a warm start cannot save anything measurable."""
+    a, b, params, matvec = spd_system(n=200, cond=50.0)
     reference = torch.linalg.solve(a, b)
-    x0 = tree.unflatten(reference + 1e-3, params)
-    warm = cg(matvec, params, x0=x0, rtol=1e-10, maxiter=100)
-    cold = cg(matvec, params, rtol=1e-10, maxiter=100)
-    assert warm.iterations <= cold.iterations + 1
+    x0 = tree.unflatten(reference + 1e-6, params)
+    warm = cg(matvec, params, x0=x0, rtol=1e-10, maxiter=500)
+    cold = cg(matvec, params, rtol=1e-10, maxiter=500)
+    assert warm.iterations <= 0.75 * cold.iterations, (warm.iterations, cold.iterations)
+    for result in (warm, cold):
+        assert float((tree.flatten(result.x) - reference).norm() / reference.norm()) <= 1e-8
     with pytest.raises(BilevelError, match="non-positive curvature"):
         cg(lambda p: tree.scale(matvec(p), -1.0), params)
 

@@ -22,11 +22,11 @@ from bilevel.problems.ridge import ridge_hypergrad
 from bilevel.registry import make_solver
 
 
-def outlier_system(n: int = 120, n_large: int = 8, seed: int = 0, device: str = "cpu"):
-    """(A, b as Params, matvec): eigenvalues in [1, 2] plus ``n_large`` outliers in [50, 500] (κ = 500), the
-    spectrum a preconditioner from a few curvature pairs can fix (the few large eigenvalues CG resolves first)."""
+def outlier_system(n: int = 120, n_large: int = 8, seed: int = 0, device: str = "cpu", high: float = 500.0):
+    """(A, b as Params, matvec): eigenvalues in [1, 2] plus ``n_large`` outliers in [50, ``high``] (κ = ``high``),
+    the spectrum a preconditioner from a few curvature pairs can fix (the few large eigenvalues CG resolves first)."""
     eig = torch.cat([torch.linspace(1.0, 2.0, n - n_large, dtype=torch.float64),
-                     torch.logspace(torch.log10(torch.tensor(50.0)), torch.log10(torch.tensor(500.0)), n_large,
+                     torch.logspace(torch.log10(torch.tensor(50.0)), torch.log10(torch.tensor(high)), n_large,
                                     dtype=torch.float64)])
     a, _, params, matvec = symmetric_system(eig, u_shape=(4, 10), device=device, seed=seed)
     return a, params, matvec
@@ -75,14 +75,20 @@ def test_compact_form_equals_sequential_bfgs_updates():
 
 def test_cg_pairs_are_conjugate_so_every_secant_equation_holds():
     """CG's pairs (p_k, A p_k) are A-conjugate: the L-BFGS matrix then satisfies H y_i = s_i for every pair (not only
-    the last), to 1e-10."""
+    the last), to 1e-8. Measured 7e-14 to 1.4e-11 over BLAS thread counts and instruction sets (the pairs' conjugacy
+    is lost at the rounding level, amplified by κ = 500); pairs (s, As) from random, non-conjugate s miss every secant
+    equation but the last by 0.27 or more (checked here > 1e-2), so 1e-8 still tells the two apart."""
     a, b, matvec = outlier_system()
     result = cg(matvec, b, rtol=1e-12, maxiter=200, record_pairs=10)
     assert len(result.pairs) == 10
     precond = lbfgs_preconditioner(result.pairs)
     assert precond is not None and precond.size == 10
     for s, y in result.pairs:
-        assert rel_err(tree.flatten(precond(y)), tree.flatten(s)) <= 1e-10
+        assert rel_err(tree.flatten(precond(y)), tree.flatten(s)) <= 1e-8
+    gen = torch.Generator().manual_seed(5)
+    directions = [tree.unflatten(torch.randn(a.shape[0], generator=gen, dtype=torch.float64), b) for _ in range(10)]
+    generic = lbfgs_preconditioner([(s, matvec(s)) for s in directions])
+    assert rel_err(tree.flatten(generic(matvec(directions[0]))), tree.flatten(directions[0])) > 1e-2
 
 
 def test_cg_records_pairs_in_one_matrix_that_the_preconditioner_reads_in_place():
@@ -179,9 +185,13 @@ def test_cg_solver_holds_its_pairs_in_one_matrix_and_leaves_the_state_it_steps_f
 
 def test_recycled_preconditioner_cuts_iterations_on_a_nearby_system(device):
     """Pairs from solving A x = b precondition A' x' = b' with A' = A + diag(δ), δ_i ∈ [0, 0.1] (as the next outer
-    step's Hessian, whose weight decay moved) and a new right-hand side: CG needs at most 70% of the iterations to
-    the same 1e-10 residual (measured: 23 against 33), and both match the dense solve to 1e-8."""
-    a, b, matvec = outlier_system(device=device)
+    step's Hessian, whose weight decay moved) and a new right-hand side: CG needs at most half the iterations of the
+    unpreconditioned run in the same test to the same 1e-10 residual, and both match the dense solve to 1e-8.
+
+    Outliers up to 5000 (κ ≈ 5000), where the pairs matter: measured 13 against 39–44 iterations over 1–3 BLAS
+    threads and SSE4.2/AVX2/AVX-512 kernels (the plain count moves with rounding, the preconditioned one did not).
+    With outliers only up to 500 the cut is 23 against 32–34, too close to any fixed ratio to assert."""
+    a, b, matvec = outlier_system(device=device, high=5000.0)
     first = cg(matvec, b, rtol=1e-10, maxiter=500, record_pairs=10)
     gen = torch.Generator().manual_seed(9)
     a2 = a + torch.diag(0.1 * torch.rand(a.shape[0], generator=gen, dtype=torch.float64)).to(device)
@@ -193,7 +203,7 @@ def test_recycled_preconditioner_cuts_iterations_on_a_nearby_system(device):
     x_star = torch.linalg.solve(a2, tree.flatten(b2))
     plain = cg(matvec2, b2, rtol=1e-10, maxiter=500)
     pre = cg(matvec2, b2, rtol=1e-10, maxiter=500, preconditioner=lbfgs_preconditioner(first.pairs))
-    assert pre.iterations <= 0.7 * plain.iterations, (pre.iterations, plain.iterations)
+    assert pre.iterations <= 0.5 * plain.iterations, (pre.iterations, plain.iterations)
     for result in (plain, pre):
         assert rel_err(tree.flatten(result.x), x_star) <= 1e-8
         true_residual = torch.linalg.vector_norm(tree.flatten(b2) - a2 @ tree.flatten(result.x)) / tree.norm(b2)
@@ -211,7 +221,9 @@ def test_unchecked_pcg_takes_the_same_steps_as_checked(device):
 
 
 def test_preconditioned_cg_batches_over_right_hand_sides_with_vmap():
-    """vmap of the unchecked preconditioned CG over 3 right-hand sides (one shared M) equals a Python loop to 1e-9."""
+    """vmap of the unchecked preconditioned CG over 3 right-hand sides (one shared M) equals a Python loop to 1e-7
+    (batched and single products round differently and 15 steps at κ = 500 amplify it: measured 5e-11 to 1.4e-10
+    over BLAS thread counts and instruction sets; a wrongly batched M or step would be off by O(1))."""
     a, b, matvec = outlier_system()
     precond = lbfgs_preconditioner(cg(matvec, b, maxiter=10, record_pairs=10).pairs)
     rhs = torch.randn(3, a.shape[0], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -221,21 +233,24 @@ def test_preconditioned_cg_batches_over_right_hand_sides_with_vmap():
 
     batched = torch.func.vmap(solve_one)(rhs)
     loop = torch.stack([solve_one(x) for x in rhs])
-    assert rel_err(batched, loop) <= 1e-9
+    assert rel_err(batched, loop) <= 1e-7
 
 
 def test_warm_start_and_mixed_precision_compose_with_the_preconditioner():
-    """x0 + preconditioner + float32 products with reliable updates still reach the float64 dense solve to 1e-10."""
+    """x0 + preconditioner + float32 products with reliable updates still reach the float64 dense solve to 1e-9
+    (measured 7.5e-12; κ·rtol = 5e-9 bounds it; the float32 products without the reliable updates stop at 4e-6 to
+    6e-6 depending on the BLAS kernels)."""
     a, b, matvec = outlier_system()
     x_star = torch.linalg.solve(a, tree.flatten(b))
     precond = lbfgs_preconditioner(cg(matvec, b, maxiter=10, record_pairs=10).pairs)
-    x0 = tree.unflatten(x_star + 1e-2 * torch.randn(x_star.shape, dtype=torch.float64), b)
+    gen = torch.Generator().manual_seed(6)
+    x0 = tree.unflatten(x_star + 1e-2 * torch.randn(x_star.shape, generator=gen, dtype=torch.float64), b)
 
     def cheap(p):
         return tree.unflatten((a.float() @ tree.flatten(p).float()).double(), p)
 
     result = cg(cheap, b, x0=x0, rtol=1e-11, maxiter=200, preconditioner=precond, precise_matvec=matvec)
-    assert rel_err(tree.flatten(result.x), x_star) <= 1e-10
+    assert rel_err(tree.flatten(result.x), x_star) <= 1e-9
 
 
 def test_ridge_hypergradient_with_preconditioned_cg_matches_closed_form():

@@ -99,3 +99,25 @@ def test_solver_instance_and_available_methods():
     assert bilevel.solver_options("ift")["neumann_terms"] == 5
     result = solve(problem, bilevel.solvers.CG(inner_lr=0.01), maxiter=2)
     assert result.method == "cg" and result.n_steps == 2
+
+
+def test_hypergrad_tol_stops_at_the_first_step_below_it():
+    """``hypergrad_tol`` ends the run after the first step whose ``hypergrad_norm`` is ≤ tol, not before, with
+    ``stop_reason == "hypergrad_tol"``. Oracle: a run without it in the same test (full batch, so the same steps):
+    from step 3 on plain SGD on λ shrinks the norm ~2.3× per step (0.1, 0.046, 0.0195, 0.0086, 0.0038, ...), and the
+    tol is the geometric mean of step 8's norm and the smallest before it, about 1.5× from either."""
+    problem, _ = scalar_ridge()
+    options = {"inner_steps": 50, "inner_lr": 0.01, "outer_optimizer": "sgd", "outer_lr": 1.0}
+    reference = solve(problem, "cg", maxiter=12, **options).history["hypergrad_norm"]
+    k = 8
+    assert min(reference[:k]) > 2 * reference[k]  # the reference leaves room on both sides of the tol
+    tol = math.sqrt(min(reference[:k]) * reference[k])
+
+    result = solve(problem, "cg", maxiter=50, hypergrad_tol=tol, **options)
+    assert result.stop_reason == "hypergrad_tol" and result.n_steps == k + 1
+    norms = result.history["hypergrad_norm"]
+    assert norms == pytest.approx(reference[: k + 1], rel=1e-9)
+    assert norms[-1] <= tol < min(norms[:-1])
+
+    never = solve(problem, "cg", maxiter=5, hypergrad_tol=1e-3 * min(reference[:5]), **options)
+    assert never.stop_reason == "maxiter" and never.n_steps == 5
