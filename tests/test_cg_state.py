@@ -54,20 +54,20 @@ def test_next_solve_starts_from_the_previous_solution(ridge, preconditioner):
     problem, train, val = ridge
     options = dict(INNER, **SLOW_OUTER, cg_rtol=1e-10, cg_maxiter=200, cg_preconditioner=preconditioner)
     first = bilevel.solve(problem, "cg", maxiter=2, seed=0, **options)
-    v = first.state.v["_"]
+    v = first.state.v["value"]
     assert float(v.norm()) > 0
 
     warm = bilevel.solve(problem, "cg", maxiter=1, state=first.state, validate=False, **{**options, "cg_maxiter": 0})
-    assert torch.equal(warm.state.v["_"], v)
+    assert torch.equal(warm.state.v["value"], v)
     assert warm.history["linsolve_iterations"] == [1.0]
     # the step trained w, then solved at (λ before the step's update, new w): that is the system x0 = v meets
-    expected = _residual_from(v, first.state.outer["_"], warm.state.inner["_"], train, val)
+    expected = _residual_from(v, first.state.outer["value"], warm.state.inner["value"], train, val)
     assert warm.history["linsolve_residual"][0] == pytest.approx(expected, rel=1e-7)
     assert expected < 1e-3  # the previous solution is a good start (measured 1.5e-5; a cold start has residual 1)
 
     cold = bilevel.solve(problem, "cg", maxiter=1, state=first.state, validate=False,
                          **{**options, "cg_maxiter": 0, "warm_start": False})
-    assert float(cold.state.v["_"].abs().max()) == 0.0
+    assert float(cold.state.v["value"].abs().max()) == 0.0
     assert cold.history["linsolve_iterations"] == [0.0]
     assert cold.history["linsolve_residual"] == [1.0]
 
@@ -83,7 +83,7 @@ def test_warm_start_saves_iterations_over_a_run_and_changes_nothing_else(ridge):
     assert iterations[0] <= 0.75 * iterations[1], iterations
     assert max(warm.history["linsolve_residual"] + cold.history["linsolve_residual"]) <= 1e-8
     assert rel_err(warm.outer, cold.outer) <= 1e-6
-    assert float((cold.outer - problem.outer_init["_"]).norm()) > 1e-3  # λ moved: the runs had something to agree on
+    assert float((cold.outer - problem.outer_init["value"]).norm()) > 1e-3  # λ moved: the runs had something to agree on
 
 
 # ----- recycled curvature pairs -----------------------------------------------------------------------------------
@@ -93,20 +93,27 @@ def _tagged_pairs(tags):
 
 
 def test_recycle_pairs_keeps_the_latest_memory_pairs_oldest_first():
-    """recycle_pairs(old, new, memory) = (old + new)[-memory:], the pair objects themselves, in BFGS update order."""
+    """recycle_pairs(old, new, memory) holds the pairs of (old + new)[-memory:], in BFGS update order (copied into one
+    matrix: compared by value)."""
     old, new = _tagged_pairs([1, 2, 3, 4]), _tagged_pairs([5, 6, 7])
-    kept = recycle_pairs(old, new, memory=5)
-    assert [float(s["x"][0]) for s, _ in kept] == [3.0, 4.0, 5.0, 6.0, 7.0]
-    assert all(a is b for a, b in zip(kept, old[2:] + new))
-    assert recycle_pairs(old, new, memory=10) == old + new
-    assert recycle_pairs(old, (), memory=3) == old[1:]  # a solve that recorded nothing keeps the previous pairs
-    assert recycle_pairs((), new, memory=2) == new[1:]
-    assert recycle_pairs(old, new, memory=2) == new[1:]
+
+    def tags(pairs):
+        return [(float(s["x"][0]), float(y["x"][0])) for s, y in pairs]
+
+    assert tags(recycle_pairs(old, new, memory=5)) == tags(old[2:] + new) and tags(old[2:] + new)[0][0] == 3.0
+    assert tags(recycle_pairs(old, new, memory=10)) == tags(old + new)
+    assert tags(recycle_pairs(old, (), memory=3)) == tags(old[1:])  # a solve that recorded nothing keeps the old pairs
+    assert tags(recycle_pairs((), new, memory=2)) == tags(new[1:])
+    assert tags(recycle_pairs(old, new, memory=2)) == tags(new[1:])
 
 
 SHORT = dict(INNER, **SLOW_OUTER, cg_maxiter=4, cg_rtol=0.0, cg_preconditioner_memory=10, warm_start=False)
 """Four CG iterations per solve (rtol 0: always four, so always four new pairs), room for ten pairs, and cold starts
 (four iterations from zero are a truncated solve, whose iterate shows which preconditioner it ran with)."""
+
+
+def same_pair(a, b) -> bool:
+    return all(torch.equal(a[i][k], b[i][k]) for i in (0, 1) for k in a[i])
 
 
 def _states(problem, steps, **options):
@@ -118,7 +125,7 @@ def _states(problem, steps, **options):
 
 def test_state_carries_the_previous_steps_pairs_after_the_new_ones(ridge):
     """After step k the state holds (pairs after step k−1 + the 4 pairs step k's solve met)[-10:]: 4, 8, then 10
-    pairs, the older ones the very objects of the previous state. The new ones are curvature pairs (s, Hs) of step
+    pairs, the older ones exactly the previous state's (copied into the new matrix, bit for bit). The new ones are curvature pairs (s, Hs) of step
     k's system: H at (λ before the step's update, the step's trained w), in closed form, to 1e-10."""
     problem, train, _ = ridge
     states = _states(problem, 3, **SHORT)
@@ -126,14 +133,14 @@ def test_state_carries_the_previous_steps_pairs_after_the_new_ones(ridge):
     for previous, current in zip(states, states[1:]):
         kept = len(current.pairs) - 4
         assert kept > 0
-        assert all(a is b for a, b in zip(current.pairs[:kept], previous.pairs[-kept:]))
-    assert all(a is b for a, b in zip(states[2].pairs[:2], states[0].pairs[2:]))  # step 0's newest pairs survive 2 steps
+        assert all(same_pair(a, b) for a, b in zip(current.pairs[:kept], previous.pairs[-kept:]))
+    assert all(same_pair(a, b) for a, b in zip(states[2].pairs[:2], states[0].pairs[2:]))  # step 0's newest survive 2 steps
     xt = train[0]
     for k in (1, 2):
-        lam = states[k - 1].outer["_"]
+        lam = states[k - 1].outer["value"]
         h = xt.T @ xt + torch.diag(lam.exp())
         for s, y in states[k].pairs[-4:]:
-            assert rel_err(h @ s["_"], y["_"]) <= 1e-10
+            assert rel_err(h @ s["value"], y["value"]) <= 1e-10
 
 
 def test_next_solve_uses_the_preconditioner_of_the_recycled_pairs(ridge):
@@ -148,8 +155,8 @@ def test_next_solve_uses_the_preconditioner_of_the_recycled_pairs(ridge):
     def rebuilt(preconditioner):
         solve = functools.partial(cg, maxiter=4, rtol=0.0, record_pairs=10, preconditioner=preconditioner)
         return implicit_hypergrad(problem, before.outer, after.inner, inner_batch=train, outer_batch=val,
-                                  solve=solve).linsolve.x["_"]
+                                  solve=solve).linsolve.x["value"]
 
-    assert rel_err(rebuilt(lbfgs_preconditioner(before.pairs, memory=10)), after.v["_"]) <= 1e-12
-    assert rel_err(rebuilt(lbfgs_preconditioner(before.pairs[-4:], memory=10)), after.v["_"]) > 1e-6
-    assert rel_err(rebuilt(None), after.v["_"]) > 1e-6
+    assert rel_err(rebuilt(lbfgs_preconditioner(before.pairs, memory=10)), after.v["value"]) <= 1e-12
+    assert rel_err(rebuilt(lbfgs_preconditioner(before.pairs[-4:], memory=10)), after.v["value"]) > 1e-6
+    assert rel_err(rebuilt(None), after.v["value"]) > 1e-6

@@ -204,8 +204,8 @@ def test_outer_lr_gives_x_its_own_step():
     solve(problem, "lvhba", maxiter=2, outer_lr=outer_lr, callbacks=[lambda info: states.append(info.state)], **settings)
     solve(problem, "lvhba", maxiter=1, callbacks=[lambda info: plain.append(info.state)], **settings)
     for state, (x, y, theta) in zip(states, expected, strict=True):
-        torch.testing.assert_close(state.outer, {"_": x}, rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(state.inner, {"_": y}, rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(state.theta, {"_": theta}, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(state.outer, {"value": x}, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(state.inner, {"value": y}, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(state.theta, {"value": theta}, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(plain[0].inner, states[0].inner, rtol=1e-12, atol=1e-14)
-    assert float((plain[0].outer["_"] - states[0].outer["_"]).norm()) > 0.05
+    assert float((plain[0].outer["value"] - states[0].outer["value"]).norm()) > 0.05

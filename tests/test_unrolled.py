@@ -111,7 +111,7 @@ def test_first_order_drops_the_second_order_terms():
     lr, steps = 0.5, 6
     data = DataStreams(train, val)
     ours = {fo: Unrolled(inner_steps=steps, inner_lr=lr, first_order=fo).hypergradient(
-        problem, {"_": lam0}, {"_": w0}, data).hypergrad["_"] for fo in (True, False)}
+        problem, {"value": lam0}, {"value": w0}, data).hypergrad["value"] for fo in (True, False)}
     detached = autograd_reference(problem, train, val, lam0, w0, lr, steps, detach=True)
     full = autograd_reference(problem, train, val, lam0, w0, lr, steps, detach=False)
     torch.testing.assert_close(detached, RHO * lam0, rtol=1e-12, atol=1e-15)

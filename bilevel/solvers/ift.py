@@ -25,7 +25,16 @@ from bilevel.errors import BilevelError
 from bilevel.hypergrad import Hypergradient, implicit_hypergrad
 from bilevel.linsolve import NeumannDivergenceError, cg, exact, minres, neumann, step_advice
 from bilevel.optim import Optimizer, make_optimizer
-from bilevel.options import Momentum, NonNegativeInt, OptimizerName, Options, PositiveFloat, PositiveInt, owner_name
+from bilevel.options import (
+    Momentum,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OptimizerName,
+    Options,
+    PositiveFloat,
+    PositiveInt,
+    owner_name,
+)
 from bilevel.precondition import CurvaturePairs, lbfgs_preconditioner, recycle_pairs
 from bilevel.problem import Problem
 from bilevel.registry import register
@@ -96,7 +105,7 @@ class IFT(Options):
     neumann_terms: NonNegativeInt = 5
     neumann_alpha: PositiveFloat | None = None
     cg_maxiter: NonNegativeInt = 20
-    cg_rtol: PositiveFloat = 1e-6
+    cg_rtol: NonNegativeFloat = 1e-6
     warm_start: bool = True
     hvp_dtype: HvpDtype | None = None
     cg_preconditioner: PreconditionerName | None = None
