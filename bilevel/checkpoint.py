@@ -10,24 +10,23 @@ Files are written atomically (a temporary file beside the target, flushed to dis
 process killed at any moment leaves the previous checkpoint or the new one, never a torn file. They contain only
 tensors, numbers, strings, None, lists, tuples and dicts: they load with ``torch.load(weights_only=True)``, and the
 solver state's own types (frozen dataclasses and named tuples) are rebuilt only from the types a fresh
-``solver.init(problem)`` produces, the optimizer states of :mod:`bilevel.optim` and
-:class:`~bilevel.precondition.CurvaturePairs` (objects with ``to_state``/``from_state``), never from a name in the
-file.
+``solver.init(problem)`` produces and those bilevel's own (loaded) modules define (dataclasses, named tuples and
+classes with ``to_state``/``from_state`` such as :class:`~bilevel.precondition.CurvaturePairs`), never by importing a
+name read from the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tempfile
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from bilevel import optim
 from bilevel.errors import BilevelError
-from bilevel.precondition import CurvaturePairs
 
 FORMAT = "bilevel-checkpoint"
 VERSION = 1
@@ -155,8 +154,8 @@ def decode(x: Any, types: dict[str, type]) -> Any:
 
 
 def allowed_types(template: Any) -> dict[str, type]:
-    """The dataclass and named-tuple types reachable from ``template``, plus :mod:`bilevel.optim`'s states."""
-    found: dict[str, type] = {_name(t): t for t in (optim.MomentumState, optim.AdamState, CurvaturePairs)}
+    """The dataclass and named-tuple types reachable from ``template``, plus bilevel's own state types."""
+    found: dict[str, type] = dict(_bilevel_state_types())
 
     def visit(x: Any) -> None:
         if dataclasses.is_dataclass(x) and not isinstance(x, type):
@@ -177,6 +176,21 @@ def allowed_types(template: Any) -> dict[str, type]:
                 visit(v)
 
     visit(template)
+    return found
+
+
+def _bilevel_state_types() -> dict[str, type]:
+    """Dataclasses, named tuples and ``from_state`` classes defined in bilevel's modules imported so far (looked up
+    among loaded modules, never imported by name from a file)."""
+    found = {}
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not (module_name == "bilevel" or module_name.startswith("bilevel.")):
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, type) and value.__module__ == module_name and (
+                    dataclasses.is_dataclass(value) or (issubclass(value, tuple) and hasattr(value, "_fields"))
+                    or callable(getattr(value, "from_state", None))):
+                found[_name(value)] = value
     return found
 
 

@@ -113,8 +113,14 @@ def step_advice(alpha: float, lipschitz: float) -> str:
 
 
 def power_iteration(matvec: MatVec, v0: Params, *, maxiter: int = 20) -> float:
-    r"""Estimate of the largest-magnitude eigenvalue |λ_max(A)| of symmetric ``A`` by power iteration
-    (``maxiter`` matvecs): v ← Av/‖Av‖, estimate |vᵀAv| (the Rayleigh quotient, a lower bound)."""
+    r"""Estimate of the largest-magnitude eigenvalue |λ|_max(A) of symmetric ``A`` (see :func:`power_method`)."""
+    return power_method(matvec, v0, maxiter=maxiter)[0]
+
+
+def power_method(matvec: MatVec, v0: Params, *, maxiter: int = 20) -> tuple[float, Params]:
+    r"""(|vᵀAv|, v) after ``maxiter`` power iterations v ← Av/‖Av‖ from ``v0``: the Rayleigh quotient, a lower
+    bound on |λ|_max(A) of symmetric ``A``, and the unit vector it was taken at (the top eigenvector's estimate, a
+    warm start for the next estimate). Two host syncs per iteration."""
     v = tree.scale(v0, 1.0 / tree.norm(v0).clamp_min(1e-30))
     estimate = float("nan")
     for _ in range(maxiter):
@@ -124,7 +130,7 @@ def power_iteration(matvec: MatVec, v0: Params, *, maxiter: int = 20) -> float:
         if not math.isfinite(float(n)) or float(n) == 0.0:
             break
         v = tree.scale(av, 1.0 / n)
-    return estimate
+    return estimate, v
 
 
 def cg(

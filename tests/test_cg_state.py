@@ -125,7 +125,7 @@ def _states(problem, steps, **options):
 
 def test_state_carries_the_previous_steps_pairs_after_the_new_ones(ridge):
     """After step k the state holds (pairs after step k−1 + the 4 pairs step k's solve met)[-10:]: 4, 8, then 10
-    pairs, the older ones exactly the previous state's (copied into the new matrix, bit for bit). The new ones are curvature pairs (s, Hs) of step
+    pairs, the older ones exactly the previous state's (copied, bit for bit). The new ones are curvature pairs (s, Hs) of step
     k's system: H at (λ before the step's update, the step's trained w), in closed form, to 1e-10."""
     problem, train, _ = ridge
     states = _states(problem, 3, **SHORT)

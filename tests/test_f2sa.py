@@ -45,7 +45,9 @@ def x_star_penalty(a, b, lam):
     return torch.linalg.solve(c * a.T @ a + RHO * torch.eye(N, dtype=a.dtype, device=a.device), c * a.T @ b)
 
 
-FAST = dict(inner_steps=3, inner_lr=0.8, outer_lr=0.5)
+FAST = dict(inner_steps=3, inner_lr=0.8, outer_lr=0.5, penalty_inner_lr=None)
+"""Explicit step sizes (no "auto": no curvature estimate; penalty_inner_lr=None is α₀ = γ₀/(1 + λ₀))."""
+EXPLICIT = dict(inner_lr=0.1, outer_lr=1e-2, penalty_inner_lr=None, penalty0=10.0)
 
 
 @pytest.mark.parametrize("lam", [10.0, 100.0, 1000.0])
@@ -106,7 +108,8 @@ def test_storm_momentum_beats_plain_stochastic_gradients_at_equal_oracle_calls()
     xs = x_star(a, b)
     errors, calls = {}, {}
     for name, options in (("storm", dict(momentum=True)), ("plain", dict(inner_steps=1))):
-        runs = [solve(problem, "f2sa", maxiter=200, penalty0=30.0, inner_lr=0.8, outer_lr=0.5, seed=seed, **options)
+        runs = [solve(problem, "f2sa", maxiter=200, penalty0=30.0, inner_lr=0.8, outer_lr=0.5, penalty_inner_lr=None,
+                      seed=seed, **options)
                 for seed in range(6)]
         errors[name] = sum(float((r.outer - xs).norm()) for r in runs) / len(runs)
         calls[name] = runs[0].history["oracle_calls"][-1]
@@ -119,15 +122,18 @@ def test_oracle_counts_in_history():
     momentum: 3 at the first step, 6 after. Counted by kind in the history's cumulative ``calls_*``."""
     problem, _, _ = quadratic()
     steps, t = 7, 4
-    h = solve(problem, "f2sa", maxiter=steps, inner_steps=t).history
+    h = solve(problem, "f2sa", maxiter=steps, inner_steps=t, **EXPLICIT).history
     assert h["oracle_calls"] == [float((3 * t + 3) * (k + 1)) for k in range(steps)]
     assert h["calls_grad_inner"][-1] == 2 * t * steps
     assert h["calls_grad_outer"][-1] == (t + 1) * steps
     assert h["calls_grad_inner_outer"][-1] == 2 * steps
-    hm = solve(problem, "f2sa", maxiter=steps, momentum=True).history
+    hm = solve(problem, "f2sa", maxiter=steps, momentum=True, **EXPLICIT).history
     assert hm["oracle_calls"] == [3.0 + 6.0 * k for k in range(steps)]
     assert set(k for k in hm if k.startswith("calls_")) == {"calls_grad_inner", "calls_grad_outer"}
-    assert {"outer_loss", "hypergrad_norm", "penalty", "inner_loss"} <= set(h)
+    assert {"outer_loss", "hypergrad_norm", "penalty", "inner_loss", "penalty_outer_loss"} <= set(h)
+    # "auto" step sizes add their curvature estimates (1 gradient + 20 HVPs each for L̂_g and L̂_f at the first step)
+    auto = solve(problem, "f2sa", maxiter=1, inner_steps=t).history
+    assert auto["calls_hvp"] == [40.0] and auto["oracle_calls"][0] == 3 * t + 3 + 42
 
 
 def test_projections_are_applied():

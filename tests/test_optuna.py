@@ -198,14 +198,18 @@ def test_pruning_callback_with_callable_metric(ridge):
 def test_tune_solver_on_ridge(ridge):
     train, val = ridge
     problem = ridge_problem(train, val)
-    space = {"inner_lr": FloatDistribution(1e-3, 0.2, log=True), "outer_lr": [0.03, 0.1, 0.3]}
-    study = tune_solver(problem, "cg", search_space=space, fixed={"inner_steps": 20}, n_trials=6, maxiter=15, seed=0)
+    space = {"inner_lr": ["auto", 0.1, 0.003], "outer_lr": ["auto", 0.03, 0.3]}
+    storage = optuna.storages.InMemoryStorage()
+    optuna.create_study(storage=storage, study_name="ridge").enqueue_trial({"inner_lr": 0.1, "outer_lr": 0.3})
+    study = tune_solver(problem, "cg", search_space=space, fixed={"inner_steps": 20}, n_trials=6, maxiter=15, seed=0,
+                        storage=storage, study_name="ridge")
     trials = study.trials
     assert len(trials) == 6
-    # the first trial runs the defaults that lie in the space (inner_lr=0.1; outer_lr=0.01 is not a choice)
-    assert trials[0].params["inner_lr"] == 0.1
-    # the enqueued defaults (inner_lr=0.1) diverge on this problem: recorded as PRUNED with the reason
+    # the trial enqueued first (inner_lr=0.1 > 2/L ≈ 0.027) diverges: recorded as PRUNED with the reason
+    assert trials[0].params == {"inner_lr": 0.1, "outer_lr": 0.3}
     assert trials[0].state == TrialState.PRUNED and "diverged" in trials[0].user_attrs
+    # then the method's defaults, which lie in the space ("auto" both), run and complete
+    assert trials[1].params == {"inner_lr": "auto", "outer_lr": "auto"} and trials[1].state == TrialState.COMPLETE
     assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
     best = study.best_trial
     ref = bilevel.solve(problem, "cg", maxiter=15, seed=0, inner_steps=20, **best.params)
@@ -237,18 +241,21 @@ def test_auto_search_space_contains_defaults(method):
 
 
 def test_auto_search_space_rules_on_ift():
-    """The documented rules applied to IFT's defaults (inner_steps=10, inner_lr=0.1, outer_lr=0.01, ...)."""
+    """The documented rules applied to IFT's defaults (inner_steps=10, inner_lr="auto", ...) and to F2SA's
+    explicit ones (schedule_offset=10.0)."""
     space = auto_search_space("ift")
     assert space["inner_steps"] == IntDistribution(2, 40, log=True)
-    assert space["inner_lr"] == FloatDistribution(0.01, 1.0, log=True)
-    assert space["outer_lr"] == FloatDistribution(0.001, 0.1, log=True)
+    assert "inner_lr" not in space and "outer_lr" not in space  # "auto": they adapt to the problem
+    assert auto_search_space("f2sa")["schedule_offset"] == FloatDistribution(1.0, 100.0, log=True)
     assert space["inner_momentum"] == FloatDistribution(0.0, 0.99)
     assert set(space["linsolve"].choices) == {"neumann", "cg", "minres", "exact"}
     assert set(space["inner_optimizer"].choices) == {"sgd", "adam", "rmsprop"}
     assert space["warm_start"].choices == (False, True)
-    assert "cg_rtol" not in space and "neumann_alpha" not in space  # a tolerance; a None default
-    assert list(auto_search_space("ift", include=["outer_lr"], spread=100.0)) == ["outer_lr"]
-    assert auto_search_space("ift", include=["outer_lr"], spread=100.0)["outer_lr"].high == pytest.approx(1.0)
+    assert "cg_rtol" not in space and "neumann_alpha" not in space  # a tolerance; an "auto" step
+    narrow = auto_search_space("f2sa", include=["schedule_offset"], spread=100.0)
+    assert list(narrow) == ["schedule_offset"] and narrow["schedule_offset"].high == pytest.approx(1000.0)
+    with pytest.raises(bilevel.BilevelError, match=r"cannot derive a range for ift.outer_lr \(default 'auto'\)"):
+        auto_search_space("ift", include=["outer_lr"])
     assert "outer_lr" not in auto_search_space("ift", exclude=["outer_lr"])
 
 

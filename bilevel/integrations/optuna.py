@@ -313,7 +313,8 @@ def auto_search_space(
     penalties, growth rates); a float named like a momentum/decay/probability → uniform on [0, 0.99]; a positive
     int → log-uniform int on [max(1, d/4), 4d] (inner steps, Neumann terms, CG iterations); a bool → {False, True};
     a ``Literal`` string or an ``*optimizer`` name → its choices. Tolerances, seeds, execution knobs (``vectorize``,
-    chunk sizes), ``None`` defaults and zero floats/ints are left at their defaults. ``include`` keeps only those
+    chunk sizes), ``None`` defaults, ``"auto"`` step sizes (they adapt to the problem: :mod:`bilevel.steps`) and
+    zero floats/ints are left at their defaults. ``include`` keeps only those
     names; ``exclude`` drops names.
     Settings that must satisfy a joint condition are checked when the solver is built (an invalid sample FAILs).
     """
@@ -366,8 +367,8 @@ def _literal_choices(hint: Any) -> list[Any] | None:
 
 def _default_distribution(name: str, default: Any, hint: Any, spread: float) -> BaseDistribution | None:
     tokens = set(name.lower().split("_"))
-    if default is dataclasses.MISSING or default is None or tokens & _SKIP:
-        return None
+    if default is dataclasses.MISSING or default is None or default == "auto" or tokens & _SKIP:
+        return None  # "auto" step sizes adapt by themselves: nothing to search unless asked for
     choices = _literal_choices(hint)
     if choices is not None:
         return CategoricalDistribution(choices)

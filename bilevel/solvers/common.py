@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from bilevel import oracles, tree
 from bilevel.data import DataStreams
 from bilevel.errors import BilevelError
-from bilevel.linsolve import power_iteration
 from bilevel.optim import Optimizer, make_optimizer
 from bilevel.problem import Problem
 from bilevel.types import Params
@@ -25,15 +23,16 @@ def train_inner(
     opt_state: Any,
     data: DataStreams,
     n_steps: int,
-) -> tuple[Params, Params, Any, float | None]:
+) -> tuple[Params, Params, Any, list[Tensor]]:
     r"""``n_steps`` of ``optimizer`` on L_T(λ, ·): w ← Proj_W(Φ(w, ∇_w L_T(λ, w; B_t))).
 
-    Returns the new (inner, buffers, optimizer state, last inner loss or None when ``n_steps == 0``).
+    Returns the new (inner, buffers, optimizer state, the inner loss before each step).
     """
-    loss = None
+    losses = []
     for _ in range(n_steps):
         inner, buffers, opt_state, loss = inner_step(problem, outer, inner, buffers, optimizer, opt_state, data.inner())
-    return inner, buffers, opt_state, loss
+        losses.append(loss)
+    return inner, buffers, opt_state, losses
 
 
 def inner_step(
@@ -71,16 +70,14 @@ def outer_update(
     return problem.project_outer(tree.detach(outer)), opt_state
 
 
-def estimate_curvature(
-    problem: Problem, outer: Params, inner: Params, batch: Any, buffers: Params | None, iterations: int = 20
-) -> float:
-    r"""L̂ ≈ λ_max(∇²_ww L_T(λ, w; batch)) by ``iterations`` power iterations on one linearization (1 gradient +
-    ``iterations`` HVPs, counted like every oracle call). The start vector comes from a private generator with a
-    fixed seed, so the estimate draws nothing from the global random generators (runs stay reproducible)."""
-    lin = oracles.Linearization(problem, outer, inner, batch, buffers)
-    gen = torch.Generator().manual_seed(0)
-    start = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device) for k, v in inner.items()}
-    return power_iteration(lin.hvp, start, maxiter=iterations)
+def outer_step(
+    problem: Problem, outer: Params, hypergrad: Params, optimizer: str, lr: float | None, opt_state: Any
+) -> tuple[Params, Any]:
+    r""":func:`outer_update` with the optimizer named ``optimizer`` at step ``lr``; λ (and the optimizer's state)
+    stay while ``lr`` is None (an ``"auto"`` step still waiting for a non-zero direction to scale by)."""
+    if lr is None:
+        return outer, opt_state
+    return outer_update(problem, outer, hypergrad, make_optimizer(optimizer, lr), opt_state)
 
 
 def power_schedule(base: float, k: int, power: float, offset: float = 1.0) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -38,13 +39,8 @@ from bilevel.options import (
 from bilevel.precondition import CurvaturePairs, lbfgs_preconditioner, recycle_pairs
 from bilevel.problem import Problem
 from bilevel.registry import register
-from bilevel.solvers.common import (
-    check_momentum_applies,
-    estimate_curvature,
-    make_inner_optimizer,
-    outer_update,
-    train_inner,
-)
+from bilevel.solvers.common import check_momentum_applies, make_inner_optimizer, outer_step, train_inner
+from bilevel.steps import Auto, Curvature, inner_curvature, losses_rose, outer_lr_for
 from bilevel.types import Params
 
 LinSolveName = Literal["neumann", "cg", "minres", "exact"]
@@ -62,7 +58,8 @@ class ImplicitState:
         v: last inverse-HVP solution H⁻¹∂_w L_V (warm start for CG), or None.
         pairs: the latest curvature pairs (p, Hp) of the CG solves (recycled into the preconditioner; one (2m, P)
             matrix, see :class:`~bilevel.precondition.CurvaturePairs`), or ().
-        curvature: L̂ ≈ λ_max(∇²_ww L_T) by power iteration at the first step (Neumann), or None.
+        curvature: L̂ ≈ λ_max(∇²_ww L_T) by power iteration (see :mod:`bilevel.steps`), or None when no step size
+            needs it. outer_lr: the outer step in use. k: outer steps taken.
     """
 
     outer: Params
@@ -72,7 +69,9 @@ class ImplicitState:
     outer_opt: Any
     v: Params | None = None
     pairs: CurvaturePairs | tuple[()] = ()
-    curvature: float | None = None
+    curvature: Curvature | None = None
+    outer_lr: float | None = None
+    k: int = 0
 
 
 @register("ift")
@@ -82,8 +81,11 @@ class IFT(Options):
 
     Cost per outer step: ``inner_steps`` gradients + about ``2 + k`` gradient-equivalents for the hypergradient
     (k = ``neumann_terms``, or the CG / MINRES iterations bounded by ``cg_maxiter`` and ``cg_rtol``).
-    ``neumann_alpha`` defaults to ``inner_lr`` (the series then equals unrolling k SGD steps from the optimum) and
-    must be below 2/λ_max(H). ``hvp_dtype`` (CG only, e.g. "bfloat16" for a float32 problem) runs CG's
+    Step sizes default to ``"auto"`` (:mod:`bilevel.steps`): ``inner_lr`` = ``neumann_alpha`` = 1/L̂ with L̂ ≈
+    λ_max(∇²_ww L_T) by power iteration (20 HVPs once, 5 every 10 outer steps or after a rise of the full-batch inner
+    loss), ``outer_lr`` a tenth of the scale of λ for Adam; a number is used as given. ``neumann_alpha=None`` makes
+    α = ``inner_lr`` (the series then equals unrolling k SGD steps from the optimum); α must be below 2/λ_max(H),
+    which the first estimate checks. ``hvp_dtype`` (CG only, e.g. "bfloat16" for a float32 problem) runs CG's
     Hessian-vector products in a lower precision with reliable residual updates in the working one (see
     :func:`bilevel.implicit_hypergrad`). ``cg_preconditioner="lbfgs"`` preconditions each CG solve with the L-BFGS
     matrix of the latest ``cg_preconditioner_memory`` curvature pairs the previous solves met (Morales & Nocedal,
@@ -96,14 +98,14 @@ class IFT(Options):
     differentiates: ClassVar[str | None] = "solution"
 
     inner_steps: NonNegativeInt = 10
-    inner_lr: PositiveFloat = 0.1
+    inner_lr: PositiveFloat | Auto = "auto"
     inner_optimizer: OptimizerName = "sgd"
     inner_momentum: Momentum = 0.0
-    outer_lr: PositiveFloat = 1e-2
+    outer_lr: PositiveFloat | Auto = "auto"
     outer_optimizer: OptimizerName = "adam"
     linsolve: LinSolveName = "neumann"
     neumann_terms: NonNegativeInt = 5
-    neumann_alpha: PositiveFloat | None = None
+    neumann_alpha: PositiveFloat | Auto | None = "auto"
     cg_maxiter: NonNegativeInt = 20
     cg_rtol: NonNegativeFloat = 1e-6
     warm_start: bool = True
@@ -121,16 +123,27 @@ class IFT(Options):
         check_momentum_applies(owner, self.inner_optimizer, self.inner_momentum)
 
     # ----- pieces -------------------------------------------------------------------------------------------
-    def _optimizers(self) -> tuple[Optimizer, Optimizer]:
-        """(inner, outer) optimizers of these settings."""
-        inner = make_inner_optimizer(self.inner_optimizer, self.inner_lr, self.inner_momentum)
-        return inner, make_optimizer(self.outer_optimizer, self.outer_lr)
+    def _inner_optimizer(self, inner_lr: float) -> Optimizer:
+        return make_inner_optimizer(self.inner_optimizer, inner_lr, self.inner_momentum)
 
-    def linear_solver(self, pairs: CurvaturePairs | tuple[()] = ()) -> Any:
+
+    @property
+    def _needs_curvature(self) -> bool:
+        """Whether a step size comes from the curvature estimate (or Neumann's α is checked against it)."""
+        return self.inner_lr == "auto" or self.linsolve == "neumann"
+
+    def step_sizes(self, curvature: float | None) -> dict[str, float]:
+        """``inner_lr`` and Neumann's ``alpha``: 1/L̂ for ``"auto"`` (:mod:`bilevel.steps`); ``alpha`` = inner_lr when
+        None (the series then equals unrolling the inner steps from the optimum)."""
+        auto = 1.0 / curvature if curvature else math.nan
+        inner_lr = auto if self.inner_lr == "auto" else float(self.inner_lr)
+        alpha = inner_lr if self.neumann_alpha is None else auto if self.neumann_alpha == "auto" else self.neumann_alpha
+        return {"inner_lr": inner_lr, "neumann_alpha": float(alpha)}
+
+    def linear_solver(self, pairs: CurvaturePairs | tuple[()] = (), alpha: float | None = None) -> Any:
         """The configured ``solve(matvec, b, [x0]) -> LinSolveResult``; ``pairs``: the previous CG solve's
-        curvature pairs, for the recycled preconditioner."""
+        curvature pairs, for the recycled preconditioner; ``alpha``: Neumann's step."""
         if self.linsolve == "neumann":
-            alpha = self.inner_lr if self.neumann_alpha is None else self.neumann_alpha
             return functools.partial(neumann, alpha=alpha, maxiter=self.neumann_terms)
         if self.linsolve == "cg":
             if self.cg_preconditioner is None:
@@ -145,52 +158,81 @@ class IFT(Options):
     def hypergradient(
         self, problem: Problem, outer: Params, inner: Params, data: DataStreams,
         buffers: Params | None = None, x0: Params | None = None, pairs: CurvaturePairs | tuple[()] = (),
+        alpha: float | None = None,
     ) -> Hypergradient:
         """dF/dλ at (λ, w) by the implicit rule with this solver's linear solver (``x0``, ``pairs``: the previous
-        solve's solution and curvature pairs, used when warm starts / the preconditioner are on)."""
+        solve's solution and curvature pairs, used when warm starts / the preconditioner are on; ``alpha``: Neumann's
+        step, measured at (λ, w) when not given and not set)."""
         use_x0 = x0 if (self.linsolve in ("cg", "minres") and self.warm_start) else None
+        inner_batch = data.inner()
+        if self.linsolve == "neumann" and alpha is None:
+            fixed = self.neumann_alpha if self.neumann_alpha not in ("auto", None) else \
+                self.inner_lr if self.neumann_alpha is None and self.inner_lr != "auto" else None
+            alpha = fixed if fixed is not None else 1.0 / inner_curvature(problem, outer, inner, inner_batch, buffers,
+                                                                          0).value
         return implicit_hypergrad(
-            problem, outer, inner, inner_batch=data.inner(), outer_batch=data.outer(),
-            buffers=buffers, solve=self.linear_solver(pairs), x0=use_x0,
+            problem, outer, inner, inner_batch=inner_batch, outer_batch=data.outer(),
+            buffers=buffers, solve=self.linear_solver(pairs, alpha), x0=use_x0,
             hvp_dtype=None if self.hvp_dtype is None else getattr(torch, self.hvp_dtype),
         )
 
     # ----- protocol -----------------------------------------------------------------------------------------
     def init(self, problem: Problem) -> ImplicitState:
-        inner_opt, outer_opt = self._optimizers()
         outer = problem.project_outer(tree.clone(problem.outer_init))
         inner = tree.clone(problem.inner_init)
-        return ImplicitState(outer, inner, tree.clone(problem.buffers_init), inner_opt.init(inner), outer_opt.init(outer))
+        outer_lr = outer_lr_for(self.outer_optimizer, self.outer_lr, outer, None)
+        inner_state = self._inner_optimizer(1.0).init(inner)  # optimizer states do not depend on the step size
+        outer_state = make_optimizer(self.outer_optimizer, 1.0).init(outer)
+        return ImplicitState(outer, inner, tree.clone(problem.buffers_init), inner_state, outer_state, outer_lr=outer_lr)
 
     def step(self, problem: Problem, state: ImplicitState, data: DataStreams) -> tuple[ImplicitState, dict[str, Any]]:
         curvature = state.curvature
-        if curvature is None and self.linsolve == "neumann":
+        if self._needs_curvature and (curvature is None or curvature.due(state.k)):
+            curvature = inner_curvature(problem, state.outer, state.inner, data.inner(), state.buffers, state.k,
+                                        curvature)
+        steps = self.step_sizes(curvature.value if curvature else None)
+        if self.linsolve == "neumann" and steps["neumann_alpha"] * curvature.value >= 2.0:
             # A series that diverges along a direction b barely touches can stay small over a few terms (and
-            # return a wrong answer); one estimate of λ_max at the start refuses such an α outright.
-            curvature = estimate_curvature(problem, state.outer, state.inner, data.inner(), state.buffers)
-            alpha = self.inner_lr if self.neumann_alpha is None else self.neumann_alpha
-            if alpha * curvature >= 2.0:
-                raise NeumannDivergenceError(f"{owner_name(self)}: the Neumann series would diverge: "
-                                             f"{step_advice(alpha, curvature)}")
-        inner_opt, outer_opt = self._optimizers()
-        inner, buffers, inner_state, inner_loss = train_inner(
-            problem, state.outer, state.inner, state.buffers, inner_opt, state.inner_opt, data, self.inner_steps
-        )
-        hg = self.hypergradient(problem, state.outer, inner, data, buffers, x0=state.v, pairs=state.pairs)
-        outer, outer_state = outer_update(problem, state.outer, hg.hypergrad, outer_opt, state.outer_opt)
+            # return a wrong answer): an α the curvature estimate says diverges is refused outright.
+            raise NeumannDivergenceError(f"{owner_name(self)}: the Neumann series would diverge: "
+                                         f"{step_advice(steps['neumann_alpha'], curvature.value)}")
+        inner, buffers, inner_state, losses = train_inner(problem, state.outer, state.inner, state.buffers,
+                                                          self._inner_optimizer(steps["inner_lr"]), state.inner_opt,
+                                                          data, self.inner_steps)
+        if curvature is not None and self.inner_lr == "auto" and data.inner_stream.is_full_batch and losses_rose(losses):
+            curvature = curvature.flag()  # the step was too long for the curvature now: measure again next step
+        try:
+            hg = self.hypergradient(problem, state.outer, inner, data, buffers, x0=state.v, pairs=state.pairs,
+                                    alpha=steps["neumann_alpha"])
+        except NeumannDivergenceError:
+            if self.neumann_alpha != "auto":
+                raise
+            # the curvature grew past the estimate since it was measured: measure again (at least doubled), retry once
+            curvature = inner_curvature(problem, state.outer, inner, data.inner(), buffers, state.k, curvature.flag())
+            steps = self.step_sizes(curvature.value)
+            hg = self.hypergradient(problem, state.outer, inner, data, buffers, x0=state.v, pairs=state.pairs,
+                                    alpha=steps["neumann_alpha"])
+        outer_lr = state.outer_lr or outer_lr_for(self.outer_optimizer, self.outer_lr, state.outer, hg.hypergrad)
+        outer, outer_state = outer_step(problem, state.outer, hg.hypergrad, self.outer_optimizer, outer_lr,
+                                        state.outer_opt)
         metrics = {
             "outer_loss": hg.outer_loss,
             "hypergrad_norm": tree.norm(hg.hypergrad),
             "linsolve_residual": hg.linsolve.residual,
             "linsolve_iterations": hg.linsolve.iterations,
+            "inner_lr": steps["inner_lr"],
+            "outer_lr": outer_lr,
         }
-        if inner_loss is not None:
-            metrics["inner_loss"] = inner_loss
+        if losses:
+            metrics["inner_loss"] = losses[-1]
         if curvature is not None:
-            metrics["curvature"] = curvature
+            metrics["curvature"] = curvature.value
+        if self.linsolve == "neumann":
+            metrics["neumann_alpha"] = steps["neumann_alpha"]
         pairs = recycle_pairs(state.pairs, hg.linsolve.pairs, memory=self.cg_preconditioner_memory)
-        new_state = ImplicitState(outer, inner, buffers, inner_state, outer_state, v=hg.linsolve.x, pairs=pairs,
-                                  curvature=curvature)
+        new_state = dataclasses.replace(state, outer=outer, inner=inner, buffers=buffers, inner_opt=inner_state,
+                                        outer_opt=outer_state, v=hg.linsolve.x, pairs=pairs, curvature=curvature,
+                                        outer_lr=outer_lr, k=state.k + 1)
         return new_state, metrics
 
 

@@ -52,6 +52,7 @@ from bilevel.options import Options, PositiveFloat, Range
 from bilevel.problem import Problem
 from bilevel.registry import register
 from bilevel.solvers.common import power_schedule
+from bilevel.steps import Auto, Curvature, inner_curvature, normalized_outer_lr, outer_curvature
 from bilevel.types import Params
 
 
@@ -63,6 +64,8 @@ class LVHBAState:
         outer: x. inner: y (the lower-level solution estimate). theta: θ, the proximal lower-level point.
         mu: μ ≥ 0, multipliers of g at θ (shape (m,); empty without constraints). z: prox centre of μ, in [0, r]^m.
         buffers: module buffers (held fixed). k: steps taken.
+        base: the step sizes in use (``"auto"`` ones resolved), or None before the first step.
+        curvature / outer_curvature: L̂_f, L̂_F behind the ``"auto"`` settings (or None).
     """
 
     outer: Params
@@ -72,6 +75,9 @@ class LVHBAState:
     z: Tensor
     buffers: Params
     k: int = 0
+    base: dict[str, float] | None = None
+    curvature: Curvature | None = None
+    outer_curvature: Curvature | None = None
 
 
 @register("lvhba")
@@ -79,11 +85,17 @@ class LVHBAState:
 class LVHBA(Options):
     r"""Single-loop, Hessian-free method for bilevel problems with a constrained lower level (Yao et al., 2024).
 
-    Settings (the paper's symbols): ``lr`` α (step on (x, y)), ``outer_lr`` a separate step on x (default α, as in
-    the paper; a different one rescales x, e.g. when ∇_x is O(1/n) per coordinate), ``prox_lr`` η (step on (θ, μ)), ``z_lr`` β,
-    ``gamma1``/``gamma2`` γ₁/γ₂ (proximal parameters), ``penalty0`` c̲ and ``penalty_power`` p of c_k = c̲(k+1)^p,
-    ``z_max`` r (Z = [0, r]^m). The paper's toy uses α 0.008, β 0.02, η 0.01, γ₁ = γ₂ = 10 and c̲ = 0.025, which
-    converges slowly; c̲ between 1 and 10 is much faster (hence the default 1).
+    Settings (the paper's symbols): ``lr`` α (step on (x, y)), ``outer_lr`` a separate step on x (None: α, as in
+    the paper; a different one rescales x, e.g. when ∇_x is O(1/n) per coordinate), ``prox_lr`` η (step on (θ, μ)),
+    ``z_lr`` β, ``gamma1``/``gamma2`` γ₁/γ₂ (proximal parameters), ``penalty0`` c̲ and ``penalty_power`` p of
+    c_k = c̲(k+1)^p, ``z_max`` r (Z = [0, r]^m). The paper's toy uses α 0.008, β 0.02, η 0.01, γ₁ = γ₂ = 10 and
+    c̲ = 0.025, which converges slowly; c̲ between 1 and 10 is much faster (hence the default 1).
+
+    ``"auto"`` (the default of ``lr``, ``prox_lr`` and ``gamma1``; :mod:`bilevel.steps`) scales them to the curvatures
+    L̂_f ≈ λ_max(∇²_yy f) and L̂_F ≈ λ_max(∇²_yy F): γ₁ = 10/L̂_f (the paper's γ₁ = 10 for L = 1), η = 1/(L̂_f + 1/γ₁)
+    (the θ-step's smoothness) and α = 1/(L̂_F/c̲ + L̂_f + 1/γ₁) (the y-step's), refreshed every 10 steps. x takes α too
+    (``outer_lr=None``, the paper's choice: d_x scales with the losses as 1/α does, so the step is scale-free);
+    ``outer_lr="auto"`` instead moves x by a tenth of max(1, rms(x₀)) along the first non-zero d_x.
     """
 
     problem_inputs: ClassVar[frozenset[str]] = frozenset({"inner_constraints", "joint_projection", "inner_projection"})
@@ -92,11 +104,11 @@ class LVHBA(Options):
         "function gap), which is no estimate of dF/dλ at a point"
     )
 
-    lr: PositiveFloat = 0.01
-    outer_lr: PositiveFloat | None = None
-    prox_lr: PositiveFloat = 0.01
+    lr: PositiveFloat | Auto = "auto"
+    outer_lr: PositiveFloat | Auto | None = None
+    prox_lr: PositiveFloat | Auto = "auto"
     z_lr: PositiveFloat = 0.02
-    gamma1: PositiveFloat = 10.0
+    gamma1: PositiveFloat | Auto = "auto"
     gamma2: PositiveFloat = 10.0
     penalty0: PositiveFloat = 1.0
     penalty_power: Annotated[float, Range(0.0, 0.5, high_open=True)] = 0.3
@@ -105,6 +117,27 @@ class LVHBA(Options):
     def penalty(self, k: int) -> float:
         """c_k = c̲ (k + 1)^p."""
         return power_schedule(self.penalty0, k, self.penalty_power, 1.0)
+
+    def base_steps(self, f_curvature: float | None, big_f_curvature: float | None) -> dict[str, float]:
+        """γ₁, η (``prox_lr``) and α (``lr``) with ``"auto"`` resolved from L̂_f and L̂_F (see the class)."""
+        gamma1 = 10.0 / f_curvature if self.gamma1 == "auto" else float(self.gamma1)
+        f_side = (f_curvature or 0.0) + 1.0 / gamma1
+        prox_lr = 1.0 / f_side if self.prox_lr == "auto" else float(self.prox_lr)
+        lr = 1.0 / ((big_f_curvature or 0.0) / self.penalty0 + f_side) if self.lr == "auto" else float(self.lr)
+        return {"gamma1": gamma1, "prox_lr": prox_lr, "lr": lr}
+
+    def _measure(self, problem: Problem, state: LVHBAState, inner_batch: Any, outer_batch: Any) -> LVHBAState:
+        """L̂_f (and L̂_F) at (x, y) when an ``"auto"`` setting needs them and they are missing or due."""
+        need_f = "auto" in (self.gamma1, self.prox_lr, self.lr)
+        f, big_f = state.curvature, state.outer_curvature
+        if need_f and (f is None or f.due(state.k)):
+            f = inner_curvature(problem, state.outer, state.inner, inner_batch, state.buffers, state.k, f)
+        if self.lr == "auto" and (big_f is None or big_f.due(state.k)):
+            big_f = outer_curvature(problem, state.outer, state.inner, outer_batch, state.buffers, state.k, big_f)
+        base = self.base_steps(f and f.value, big_f and big_f.value)
+        if state.base is not None and "outer_lr" in state.base:
+            base["outer_lr"] = state.base["outer_lr"]
+        return dataclasses.replace(state, curvature=f, outer_curvature=big_f, base=base)
 
     # ----- protocol -----------------------------------------------------------------------------------------
     def init(self, problem: Problem) -> LVHBAState:
@@ -120,39 +153,54 @@ class LVHBA(Options):
         return LVHBAState(outer, inner, theta, mu, mu.clone(), buffers)
 
     def step(self, problem: Problem, state: LVHBAState, data: DataStreams) -> tuple[LVHBAState, dict[str, Any]]:
-        x, y, theta, mu, z, buffers = state.outer, state.inner, state.theta, state.mu, state.z, state.buffers
         inner_batch, outer_batch = data.inner(), data.outer()  # one sample for every f term, as differences of f
+        if state.base is None or "auto" in (self.gamma1, self.prox_lr, self.lr):
+            state = self._measure(problem, state, inner_batch, outer_batch)
+        steps = state.base
+        gamma1, prox_lr, lr = steps["gamma1"], steps["prox_lr"], steps["lr"]
+        x, y, theta, mu, z, buffers = state.outer, state.inner, state.theta, state.mu, state.z, state.buffers
         constrained = mu.numel() > 0
         metrics: dict[str, Any] = {}
 
         # (θ, μ) step at the old point
         d_theta = oracles.grad_inner(problem, x, theta, inner_batch, buffers)
-        d_theta = tree.axpy(1.0 / self.gamma1, tree.sub(theta, y), d_theta)
+        d_theta = tree.axpy(1.0 / gamma1, tree.sub(theta, y), d_theta)
         if constrained:
             g_val, _, mu_g_w = oracles.constraint_vjp(problem, x, theta, mu, buffers)
             d_theta = tree.add(d_theta, mu_g_w)
             d_mu = -g_val + (mu - z) / self.gamma2
-            mu = (mu - self.prox_lr * d_mu).clamp(min=0.0).detach()
+            mu = (mu - prox_lr * d_mu).clamp(min=0.0).detach()
             metrics["max_constraint"] = g_val.max()
-        theta = problem.project_inner(tree.detach(tree.axpy(-self.prox_lr, d_theta, theta)))
+        theta = problem.project_inner(tree.detach(tree.axpy(-prox_lr, d_theta, theta)))
 
         # (x, y) step with the new θ, μ
         c_k = self.penalty(state.k)
-        outer_loss, big_f_x, big_f_y = oracles.grad_outer(problem, x, y, outer_batch, buffers)
+        _, big_f_x, big_f_y = oracles.grad_outer(problem, x, y, outer_batch, buffers)
         inner_loss, f_x, f_y = oracles.grad_inner_both(problem, x, y, inner_batch, buffers)
         f_theta_x = oracles.grad_inner_wrt_outer(problem, x, theta, inner_batch, buffers)
         d_x = tree.axpy(1.0 / c_k, big_f_x, tree.sub(f_x, f_theta_x))
         if constrained:
             _, mu_g_x, _ = oracles.constraint_vjp(problem, x, theta, mu, buffers)
             d_x = tree.sub(d_x, mu_g_x)
-        d_y = tree.axpy(1.0 / c_k, big_f_y, tree.axpy(-1.0 / self.gamma1, tree.sub(y, theta), f_y))
-        outer_lr = self.lr if self.outer_lr is None else self.outer_lr
-        x, y = problem.project_joint(tree.detach(tree.axpy(-outer_lr, d_x, x)), tree.detach(tree.axpy(-self.lr, d_y, y)))
+        d_y = tree.axpy(1.0 / c_k, big_f_y, tree.axpy(-1.0 / gamma1, tree.sub(y, theta), f_y))
+        if "outer_lr" not in steps:  # "auto": scaled by the first non-zero d_x (at the start y = θ, so d_x = ∇_x F/c)
+            outer_lr = lr if self.outer_lr is None else normalized_outer_lr(self.outer_lr, x, d_x)
+            if outer_lr is not None:
+                steps = {**steps, "outer_lr": outer_lr}
+        x, y = problem.project_joint(tree.detach(tree.axpy(-steps.get("outer_lr", 0.0), d_x, x)),
+                                     tree.detach(tree.axpy(-lr, d_y, y)))
 
         # z step
         if constrained:
             z = (z + self.z_lr * (mu - z) / self.gamma2).clamp(0.0, self.z_max).detach()
 
+        with torch.no_grad():  # L_V at the variables returned (what every method reports as outer_loss)
+            outer_loss = problem.outer_objective(x, y, outer_batch, buffers)
         metrics.update({"outer_loss": outer_loss, "hypergrad_norm": tree.norm(d_x), "penalty": c_k,
-                        "inner_loss": inner_loss})
-        return LVHBAState(x, y, theta, mu, z, buffers, state.k + 1), metrics
+                        "inner_loss": inner_loss, "outer_lr": steps.get("outer_lr", 0.0), **steps})
+        if state.curvature is not None:
+            metrics["curvature"] = state.curvature.value
+        if state.outer_curvature is not None:
+            metrics["outer_curvature"] = state.outer_curvature.value
+        new_state = dataclasses.replace(state, outer=x, inner=y, theta=theta, mu=mu, z=z, k=state.k + 1, base=steps)
+        return new_state, metrics
