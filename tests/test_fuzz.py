@@ -6,7 +6,8 @@ For every generated example the contract is:
   ``BilevelError``, and its message names the offending argument or option (word match);
 - input that is wrong (a value of another type than the option's annotation, NaN, a negative size, an unknown
   name, momentum outside [0, 1), a loss, sampler or projection that returned something unusable, an input the
-  method would ignore) is refused with that error; input that is only unusual (0, inf, 1e300, float16 variables,
+  method would ignore: an inner projection not applied at every inner step, a joint projection or constraint not
+  used every outer step) is refused with that error; input that is only unusual (0, inf, 1e300, float16 variables,
   huge step sizes) may run, or stop with any ``BilevelError``;
 - when a call returns, its numbers are finite (``Result.outer``, ``Result.inner``, ``history["outer_loss"]``) and
   keep the problem's names and shapes;
@@ -75,8 +76,6 @@ def fuzz(ci_examples: int) -> Callable[[Callable[..., None]], Callable[..., None
 
 METHODS = bilevel.available_methods()
 FAMILY = {m: "stn" if m == "stn" else "meta" if m in ("maml", "imaml") else "ridge" for m in METHODS}
-USES_INNER_PROJECTION = {"ift", "cg", "minres", "exact", "f2sa", "lvhba", "stn"}
-USES_CONSTRAINTS = {"lvhba"}  # inner_constraints and joint_projection
 HYPERGRADIENT_METHODS = [m for m in METHODS if callable(getattr(solver_class(m), "hypergradient", None))]
 
 
@@ -203,10 +202,12 @@ def tagged(strategy: st.SearchStrategy, label: str, refuse: bool) -> st.SearchSt
 
 
 def split_optional(hint: Any) -> tuple[Any, bool]:
-    """(X, True) for ``X | None``, else (hint, False)."""
+    """(X, True) for ``X | None``, else (X, False); ``Annotated[X, ...]`` (a range, say) is read as X."""
+    if typing.get_origin(hint) is typing.Annotated:
+        return split_optional(typing.get_args(hint)[0])
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
         (rest,) = [a for a in typing.get_args(hint) if a is not type(None)]  # the settings' unions are X | None
-        return rest, True
+        return split_optional(rest)[0], True
     return hint, False
 
 
@@ -246,6 +247,8 @@ def option_values(name: str, hint: Any) -> st.SearchStrategy[Bad]:
         unknown = st.sampled_from(["bogus", "", "SGD", "Adam"]) | st.text(max_size=6)
         out += [tagged(unknown.filter(lambda s: s not in OPTIMIZERS), "unknown name", True),
                 tagged(st.integers(0, 3), "int for str", True)]
+    else:
+        raise AssertionError(f"test_fuzz has no bad values for option {name!r} annotated {hint!r}; add them")
     if not optional:
         out.append(tagged(st.none(), "None", True))
     return st.one_of(out)
@@ -384,13 +387,38 @@ def check(case: Case) -> None:
 
 
 class Flag:
-    """Set by a bad function / sampler when it hands its bad value to bilevel (so the value was used)."""
+    """Set by a bad function / sampler when it hands its bad value to bilevel (so the value was used); ``calls``
+    counts the calls of a wrapped function."""
 
     def __init__(self) -> None:
         self.fired = False
+        self.calls = 0
 
     def __call__(self) -> bool:
         return self.fired
+
+
+def inner_steps_per_outer_step(method: str) -> int:
+    """Inner updates per outer step with the method's default settings (1 for single-loop methods)."""
+    solver = solver_class(method)()
+    for attr in ("n_inner_steps", "inner_steps", "train_steps"):
+        value = getattr(solver, attr, None)
+        if isinstance(value, int):
+            return value
+    return 1
+
+
+def ignored(which: str, method: str, maxiter: int, flag: Flag, entry: str = "solve") -> Callable[[], bool]:
+    """Whether the input ``which`` was ignored: an inner projection must be applied at every inner step, a joint
+    projection or constraint at every outer step (check_hypergradient: at least once); fewer calls mean the
+    method does not use it, and then it must be refused instead."""
+    if entry != "solve":
+        needed = 1
+    elif which == "inner_projection":
+        needed = inner_steps_per_outer_step(method) * maxiter
+    else:
+        needed = maxiter
+    return lambda: flag.calls < needed
 
 
 def solve_call(problem: Callable[[], Problem], method: Any, **kwargs: Any) -> Callable[[], Any]:
@@ -583,6 +611,7 @@ def turning_bad(fn: Callable, bad: Callable[[Any], Any], after: int, flag: Flag)
     @functools.wraps(fn)
     def wrapped(*args: Any) -> Any:
         calls[0] += 1
+        flag.calls += 1
         value = fn(*args)
         if calls[0] > after:
             flag.fired = True
@@ -670,9 +699,8 @@ def test_projections(method, data):
         how = data.draw(st.sampled_from(sorted(table)), label="returns")
         identity = (lambda o, i: (o, i)) if which == "joint_projection" else (lambda x: x)
         value = turning_bad(identity, table[how], after, flag)
-        unused = (which == "joint_projection" and method not in USES_CONSTRAINTS) or (
-            which == "inner_projection" and method not in USES_INNER_PROJECTION)
-        refuse = True if unused else flag
+        unused = ignored(which, method, maxiter, flag)
+        refuse = lambda: flag.fired or unused()  # noqa: E731
         how = f"returning {how} after {after} calls"
     names = (which, "not finite") if "NaN" in how else (which,)
     problem = functools.partial(make_problem, method, **shape, **{which: value})
@@ -758,7 +786,7 @@ def test_neumann_divergence(ratio, h_max, terms, entry, lam0, gap):
             solver = functools.partial(neumann, alpha=alpha, maxiter=terms)
             return bilevel.implicit_hypergrad(p, p.outer_init, p.inner_init, inner_batch=None, outer_batch=None, solve=solver)
 
-        expect = close_to(closed, lambda out: out.hypergrad["_"])
+        expect = close_to(closed, lambda out: next(iter(out.hypergrad.values())))  # the lone tensor's entry
     else:  # one SGD step of size 1 from w* = λ: hypergradient = λ0 − λ1
         call = solve_call(problem, "ift", maxiter=1, inner_steps=0, outer_optimizer="sgd", outer_lr=1.0, **options)
         expect = close_to(closed, lambda out: lam0_t - out.outer)
@@ -767,23 +795,23 @@ def test_neumann_divergence(ratio, h_max, terms, entry, lam0, gap):
 
 
 # ----- (9) inputs a method would ignore -------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("method", METHODS)
 @fuzz(12)
 @given(data=st.data())
 def test_ignored_inputs(method, data):
+    """inner_constraints, joint_projection and inner_projection (valid ones) are used by the method — called every
+    step (see ``ignored``) — or refused naming them; so is check_hypergradient with them."""
     which = data.draw(st.sampled_from(["inner_constraints", "joint_projection", "inner_projection"]), label="input")
     entry = data.draw(st.sampled_from(["solve", "check_hypergradient"] if method in HYPERGRADIENT_METHODS
                                       else ["solve"]), label="entry")
     shape, maxiter = data.draw(shapes), data.draw(maxiters)
-    value = {"inner_constraints": constraint, "joint_projection": lambda o, i: (o, i),
-             "inner_projection": lambda x: x}[which]
-    used = method in (USES_CONSTRAINTS if which != "inner_projection" else USES_INNER_PROJECTION)
+    valid = {"inner_constraints": constraint, "joint_projection": lambda o, i: (o, i), "inner_projection": lambda x: x}
+    flag = Flag()
+    value = turning_bad(valid[which], lambda v: v, 10**9, flag)  # counts the calls, never turns bad
     problem = functools.partial(make_problem, method, **shape, **{which: value})
     if entry == "solve":
         call, what = solve_call(problem, method, maxiter=maxiter), describe(method, **shape, maxiter=maxiter)
     else:
         call = lambda: bilevel.check_hypergradient(problem(), method)  # noqa: E731
-        what, used = f"check_hypergradient({FAMILY[method]}(d={shape['d']}), {method!r})", False
-    check(Case("ignored inputs", method, what + f" with {which}", call, (which,), not used))
+        what = f"check_hypergradient({FAMILY[method]}(d={shape['d']}), {method!r})"
+    check(Case("ignored inputs", method, what + f" with {which}", call, (which,), ignored(which, method, maxiter, flag, entry)))
