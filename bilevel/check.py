@@ -25,9 +25,9 @@ from bilevel.data import DataStreams
 from bilevel.errors import BilevelError
 from bilevel.hypergrad import Hypergradient
 from bilevel.inner import solve_inner
-from bilevel.options import owner_name
+from bilevel.options import PositiveFloat, PositiveInt, Seed, check_arguments, owner_name
 from bilevel.problem import Problem
-from bilevel.registry import make_solver
+from bilevel.registry import check_problem_inputs, make_solver
 from bilevel.types import Params
 
 
@@ -51,7 +51,7 @@ class HypergradCheck:
 
 
 def hypergradient(
-    problem: Problem, method: str | Any = "cg", *, outer: Any = None, inner: Any = None, inner_maxiter: int = 500,
+    problem: Problem, method: str | Any = "cg", *, outer: Any = None, inner: Any = None, inner_maxiter: PositiveInt = 500,
     **options: Any,
 ) -> Hypergradient:
     r"""``method``'s hypergradient dF/dλ at ``outer`` (default: the problem's initial λ), in the user's form.
@@ -62,11 +62,15 @@ def hypergradient(
     from each data stream. The result's ``hypergrad`` has the form of ``problem.outer`` (a tensor or a dict) and
     ``inner`` that of ``problem.inner``.
     """
+    check_arguments("hypergradient", hypergradient, {"inner_maxiter": inner_maxiter})
+    _check_problem("hypergradient", problem)
     solver = make_solver(method, **options)
+    kind = _kind(solver)
+    _check_inputs("hypergradient", solver, kind, problem)
     data = DataStreams(problem.inner_data, problem.outer_data)
     lam = problem.outer_params(outer) if outer is not None else tree.clone(problem.outer_init)
     w = None if inner is None else problem.inner_params(inner)
-    hg = _hypergradient(problem, solver, _kind(solver), data, lam, w, inner_maxiter)
+    hg = _hypergradient(problem, solver, kind, data, lam, w, inner_maxiter)
     return dataclasses.replace(
         hg, hypergrad=problem.outer_to_user(hg.hypergrad),
         inner=None if hg.inner is None else problem.inner_to_user(hg.inner),
@@ -78,10 +82,10 @@ def check_hypergradient(
     method: str | Any = "cg",
     *,
     outer: Any = None,
-    eps: float | None = None,
-    n_directions: int = 3,
-    seed: int = 0,
-    inner_maxiter: int = 500,
+    eps: PositiveFloat | None = None,
+    n_directions: PositiveInt = 3,
+    seed: Seed = 0,
+    inner_maxiter: PositiveInt = 500,
     **options: Any,
 ) -> HypergradCheck:
     r"""Check ``method``'s hypergradient at ``outer`` (default: the problem's initial λ) against
@@ -94,8 +98,12 @@ def check_hypergradient(
     unit roundoff of λ's dtype), which balances the difference's truncation and rounding errors: about 1e-10
     relative in float64, 1e-4 in float32 on smooth problems (use float64 to check to 1e-6).
     """
+    check_arguments("check_hypergradient", check_hypergradient,
+                    {"eps": eps, "n_directions": n_directions, "seed": seed, "inner_maxiter": inner_maxiter})
+    _check_problem("check_hypergradient", problem)
     solver = make_solver(method, **options)
     kind = _kind(solver)
+    _check_inputs("check_hypergradient", solver, kind, problem)
     data = DataStreams(problem.inner_data, problem.outer_data)
     if kind in ("adapted", "proximal"):  # one meta-batch, drawn once, for every evaluation
         data = DataStreams(data.inner(), data.outer())
@@ -106,7 +114,8 @@ def check_hypergradient(
         )
     lam = problem.outer_params(outer) if outer is not None else tree.clone(problem.outer_init)
     value = _objective(solver, kind, problem, data, inner_maxiter)
-    hypergrad = _hypergradient(problem, solver, kind, data, lam, None, inner_maxiter).hypergrad
+    hg = _hypergradient(problem, solver, kind, data, lam, None, inner_maxiter)
+    hypergrad = hg.hypergrad
     if eps is None:
         scale = max(1.0, max(float(v.abs().max()) for v in lam.values()))
         eps = torch.finfo(tree.floating_dtype(lam)).eps ** (1 / 3) * scale
@@ -122,7 +131,7 @@ def check_hypergradient(
     rel = max(abs(a - n) for a, n in zip(analytic, numeric)) / scale
     note = ""
     if kind == "penalty":
-        lam_pen = solver.penalty_max or solver.penalty0
+        lam_pen = hg.details["penalty"]
         note = (f"{owner_name(solver)} estimates the gradient of its penalty function at penalty {lam_pen:g}, which "
                 f"differs from dF/dλ by O(1/penalty); raise penalty0 to see the gap shrink")
     elif getattr(solver, "first_order", False):
@@ -144,6 +153,22 @@ def _hypergradient(problem: Problem, solver: Any, kind: str, data: DataStreams, 
         inner = solve_inner(problem, lam, problem.inner_init, batch, buffers=buffers, maxiter=inner_maxiter)
         data = DataStreams(batch, data.outer())  # the hypergradient at the batch w* solves
     return solver.hypergradient(problem, lam, inner, data, buffers)
+
+
+def _check_problem(owner: str, problem: Any) -> None:
+    if not isinstance(problem, Problem):
+        raise BilevelError(f"{owner}: problem must be a bilevel.Problem, got {type(problem).__name__}.")
+
+
+def _check_inputs(owner: str, solver: Any, kind: str, problem: Problem) -> None:
+    """Refuse problem inputs the method, or the reference F it is checked against, would ignore."""
+    check_problem_inputs(owner_name(solver), solver, problem, owner)
+    if problem.inner_projection is not None and kind in ("solution", "penalty"):
+        raise BilevelError(
+            f"{owner}: the exact inner solution w*(λ) that {owner_name(solver)}'s hypergradient assumes is unconstrained, "
+            "so it would ignore Problem(inner_projection=...); check with method='unrolled' (which differentiates "
+            "through the projection) or drop inner_projection."
+        )
 
 
 def _kind(solver: Any) -> str:

@@ -15,6 +15,7 @@ where it was (:meth:`BatchStream.state_dict`):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -223,6 +224,14 @@ class DataStreams:
     def stochastic(self) -> bool:
         return not (self.inner_stream.is_full_batch and self.outer_stream.is_full_batch)
 
+    def restarted(self) -> DataStreams:
+        """Fresh streams over the same data that check their batches against this one's first batches (what
+        ``solve`` uses after validating on a first batch of each)."""
+        fresh = DataStreams(self.inner_stream.data, self.outer_stream.data)
+        fresh.inner_stream._signature = self.inner_stream._signature
+        fresh.outer_stream._signature = self.outer_stream._signature
+        return fresh
+
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner_stream.state_dict(), "outer": self.outer_stream.state_dict()}
 
@@ -234,6 +243,9 @@ class DataStreams:
 # ----- batch structure ------------------------------------------------------------------------------------------
 def _signature(batch: Any) -> Any:
     """The structure of a batch: containers, and per tensor its dtype, device and shape without the leading dim."""
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):  # e.g. a meta-learning TaskBatch
+        return (type(batch).__name__, tuple((f.name, _signature(getattr(batch, f.name)))
+                                            for f in dataclasses.fields(batch)))
     if isinstance(batch, Tensor):
         return ("tensor", batch.dtype, batch.device.type, tuple(batch.shape[1:]) if batch.dim() else None)
     if isinstance(batch, Mapping):
@@ -254,6 +266,8 @@ def _describe_signature(sig: Any) -> str:
     if kind in ("tuple", "list"):
         inner = ", ".join(_describe_signature(v) for v in sig[1])
         return f"({inner})" if kind == "tuple" else f"[{inner}]"
+    if len(sig) == 2 and isinstance(sig[1], tuple):  # a dataclass
+        return f"{kind}(" + ", ".join(f"{k}={_describe_signature(v)}" for k, v in sig[1]) + ")"
     return kind
 
 
@@ -264,10 +278,20 @@ def _describe(batch: Any) -> str:
     return _describe_signature(_signature(batch)) + lead
 
 
+def _children(batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return batch.values()
+    if isinstance(batch, (tuple, list)):
+        return batch
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+    return ()
+
+
 def _first_tensor(batch: Any) -> Tensor | None:
     if isinstance(batch, Tensor):
         return batch
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    values = _children(batch)
     for v in values:
         found = _first_tensor(v)
         if found is not None:
@@ -278,7 +302,7 @@ def _first_tensor(batch: Any) -> Tensor | None:
 def _empty_leaf(batch: Any) -> Tensor | None:
     if isinstance(batch, Tensor):
         return batch if batch.numel() == 0 else None
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    values = _children(batch)
     for v in values:
         found = _empty_leaf(v)
         if found is not None:

@@ -40,6 +40,7 @@ class Hypergradient:
         linsolve: the inverse-HVP solve (implicit rules) or None.
         inner: the inner variables at the end of the rule (unrolled: after the T steps), detached.
         buffers: buffers after the rule (unrolled: running statistics after the T steps).
+        details: numbers a rule used that a reader needs to judge the result (e.g. F2SA's ``penalty``).
     """
 
     hypergrad: Params
@@ -47,6 +48,7 @@ class Hypergradient:
     linsolve: LinSolveResult | None = None
     inner: Params | None = None
     buffers: Params | None = None
+    details: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class _HessianOperator:

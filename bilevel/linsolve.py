@@ -54,6 +54,8 @@ def neumann(
     maxiter: int = 10,
     divergence_factor: float = 1.0,
     check: bool = True,
+    lipschitz: float | None = None,
+    power_iterations: int = 20,
 ) -> LinSolveResult:
     r"""Truncated Neumann series, Lorraine, Vicol & Duvenaud, 2020, "Optimizing Millions of Hyperparameters by
     Implicit Differentiation", AISTATS.
@@ -71,7 +73,9 @@ def neumann(
     ‖v_i‖ above ``divergence_factor``·‖b‖ (beyond rounding; checked once, after the last term) proves α ≥ 2/λ_max
     or an indefinite A, and raises :class:`NeumannDivergenceError` with a step size that would converge (estimated
     by power iteration). A divergent component too small to lift the whole norm within ``maxiter`` terms is not
-    caught here: the ``ift`` solver also checks α against a power-iteration estimate of λ_max at its first step.
+    caught by the growth alone, so with ``check`` α is also held against λ_max: ``lipschitz`` when given (the ``ift``
+    solver passes its curvature estimate), else a power-iteration estimate from ``power_iterations`` extra matvecs;
+    α·λ_max ≥ 2 raises before the series runs.
     A cheap product that carries a ``precise`` attribute (mixed precision, see :func:`cg`) is replaced by the
     precise one: the series has no residual to correct, so it would keep the low precision's error.
     """
@@ -80,6 +84,10 @@ def neumann(
         raise BilevelError(f"neumann: alpha must be a finite number > 0, got {alpha}.")
     if maxiter < 0:
         raise BilevelError(f"neumann: maxiter must be >= 0, got {maxiter}.")
+    if check:
+        estimate = lipschitz if lipschitz is not None else power_iteration(matvec, b, maxiter=power_iterations)
+        if alpha * estimate >= 2.0:
+            raise NeumannDivergenceError(f"neumann: the series would diverge: {step_advice(alpha, estimate)}")
     v = b
     p = b
     for _ in range(maxiter):

@@ -44,10 +44,14 @@ class Range:
     def describe(self) -> str:
         parts = []
         if self.low is not None:
-            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+            parts.append(f"{'>' if self.low_open else '>='} {_number(self.low)}")
         if self.high is not None:
-            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+            parts.append(f"{'<' if self.high_open else '<='} {_number(self.high)}")
         return " and ".join(parts)
+
+
+def _number(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 PositiveFloat = Annotated[float, Range(0.0, low_open=True)]
@@ -62,6 +66,8 @@ Momentum = Annotated[float, Range(0.0, 1.0, high_open=True)]
 """A momentum or decay coefficient in [0, 1)."""
 UnitInterval = Annotated[float, Range(0.0, 1.0, low_open=True)]
 """A weight in (0, 1]."""
+Seed = Annotated[int, Range(0, 2**63, high_open=True)]
+"""A random seed: an integer that every generator accepts (0 ≤ seed < 2⁶³)."""
 OptimizerName = Literal["sgd", "adam", "rmsprop"]
 """The functional optimizers of :mod:`bilevel.optim`."""
 

@@ -75,12 +75,8 @@ def _value_and_grads(
     with torch.enable_grad():
         value = fn(lam, w)
         leaves = (list(lam.values()) if wrt_outer else []) + (list(w.values()) if wrt_inner else [])
-        if not value.requires_grad and wrt_inner:
-            raise BilevelError(
-                f"Problem: {name} returned a tensor that does not depend on the inner variables "
-                "(no autograd graph): was it detached, computed under torch.no_grad(), or rebuilt from .item()? "
-                "Return the loss as a differentiable function of its inputs."
-            )
+        if wrt_inner:
+            require_graph(value, name)
         grads = torch.autograd.grad(value, leaves, materialize_grads=True) if value.requires_grad else [
             torch.zeros_like(t) for t in leaves
         ]
@@ -88,6 +84,16 @@ def _value_and_grads(
     g_outer = dict(zip(lam, grads[:n])) if wrt_outer else {}
     g_inner = dict(zip(w, grads[n:])) if wrt_inner else {}
     return value.detach(), g_outer, g_inner
+
+
+def require_graph(value: Tensor, name: str) -> None:
+    """A loss differentiated for the inner variables must depend on them (carry an autograd graph)."""
+    if not value.requires_grad:
+        raise BilevelError(
+            f"Problem: {name} returned a tensor that does not depend on the inner variables (no autograd graph): was "
+            "it detached, computed under torch.no_grad(), or rebuilt from .item()? Return the loss as a differentiable "
+            "function of its inputs."
+        )
 
 
 def grad_inner(problem: Problem, outer: Params, inner: Params, batch: Batch, buffers: Params | None = None) -> Params:
@@ -177,7 +183,10 @@ def constraint_vjp(
     _tick("constraint_vjp")
     g, pullback = vjp(lambda lam, w: problem.constraints(lam, w, buffers), outer, inner)
     if mu.shape != g.shape:
-        raise ValueError(f"constraint_vjp: multiplier shape {tuple(mu.shape)} does not match g's {tuple(g.shape)}.")
+        raise BilevelError(
+            f"Problem: inner_constraints returned {g.numel()} values, but {mu.numel()} the first time (one multiplier "
+            "each); the number of constraints must stay fixed."
+        )
     g_outer, g_inner = pullback(mu)
     return g, g_outer, g_inner
 
@@ -236,21 +245,24 @@ class Linearization:
     """
 
     def __init__(self, problem: Problem, outer: Params, inner: Params, batch: Batch, buffers: Params | None = None):
-        self._build(lambda lam, w: problem.inner_objective(lam, w, batch, buffers), outer, inner)
+        self._build(lambda lam, w: problem.inner_objective(lam, w, batch, buffers), outer, inner, "inner_loss")
 
     @classmethod
-    def of(cls, fn: Callable[[Params, Params], Tensor], outer: Params, inner: Params) -> Linearization:
-        """The linearization of ∇_w fn(λ, w) at (``outer``, ``inner``) for a plain function ``fn``."""
+    def of(cls, fn: Callable[[Params, Params], Tensor], outer: Params, inner: Params, *, name: str = "the function"
+           ) -> Linearization:
+        """The linearization of ∇_w fn(λ, w) at (``outer``, ``inner``) for a plain function ``fn`` (``name``: what
+        errors call it)."""
         self = cls.__new__(cls)
-        self._build(fn, outer, inner)
+        self._build(fn, outer, inner, name)
         return self
 
-    def _build(self, fn: Callable[[Params, Params], Tensor], outer: Params, inner: Params) -> None:
+    def _build(self, fn: Callable[[Params, Params], Tensor], outer: Params, inner: Params, name: str) -> None:
         _tick("grad_inner")
         self.outer = {k: v.detach().requires_grad_(True) for k, v in outer.items()}
         self.inner = {k: v.detach().requires_grad_(True) for k, v in inner.items()}
         with torch.enable_grad():
             loss = fn(self.outer, self.inner)
+            require_graph(loss, name)
             grads = torch.autograd.grad(loss, list(self.inner.values()), create_graph=True, materialize_grads=True)
         self.loss = loss.detach()
         self.grad = dict(zip(self.inner, grads))
@@ -289,12 +301,15 @@ def differentiable_grad_inner(
     _tick("grad_inner")
     with torch.enable_grad():
         loss, new_buffers = problem.inner_objective_and_buffers(outer, inner, batch, buffers)
+        require_graph(loss, "inner_loss")
         grads = torch.autograd.grad(loss, list(inner.values()), create_graph=create_graph, materialize_grads=True)
     return loss.detach(), dict(zip(inner, grads)), new_buffers
 
 
-def backprop(value: Tensor, wrt: Params) -> Params:
-    r"""∇_{wrt} value through the whole recorded graph (reverse mode; zeros for unused entries)."""
+def backprop(value: Tensor, wrt: Params, name: str = "outer_loss") -> Params:
+    r"""∇_{wrt} value through the whole recorded graph (reverse mode; zeros for unused entries); ``name``: what
+    errors call ``value``."""
     _tick("backprop")
+    require_graph(value, name)
     grads = torch.autograd.grad(value, list(wrt.values()), materialize_grads=True)
     return dict(zip(wrt, grads))

@@ -138,7 +138,8 @@ class Problem:
         """(L_T(λ, w; batch), buffers after the forward pass) — the training step keeps the updated statistics."""
         buffers = self.buffers_init if buffers is None else buffers
         fresh = {k: v.clone() for k, v in buffers.items()}
-        loss = self.inner_loss(self.outer_view(outer), self.inner_view(inner, fresh, training=True), batch)
+        loss = _call("inner_loss", self.inner_loss, self.outer_view(outer), self.inner_view(inner, fresh, training=True),
+                     batch)
         return _loss_value("inner_loss", loss), {k: v.detach() for k, v in fresh.items()}
 
     def outer_objective(self, outer: Params, inner: Params, batch: Batch, buffers: Params | None = None) -> Tensor:
@@ -147,7 +148,8 @@ class Problem:
         buffers = self.buffers_init if buffers is None else buffers
         if training:
             buffers = {k: v.clone() for k, v in buffers.items()}
-        loss = self.outer_loss(self.outer_view(outer), self.inner_view(inner, buffers, training), batch)
+        loss = _call("outer_loss", self.outer_loss, self.outer_view(outer), self.inner_view(inner, buffers, training),
+                     batch)
         return _loss_value("outer_loss", loss)
 
     def constraints(self, outer: Params, inner: Params, buffers: Params | None = None) -> Tensor:
@@ -157,20 +159,27 @@ class Problem:
                 f"{self.name}: this method needs inner constraints g(outer, inner) <= 0; "
                 "pass Problem(inner_constraints=...)."
             )
-        g = self.inner_constraints(self.outer_view(outer), self.inner_view(inner, buffers, training=False))
+        g = _call("inner_constraints", self.inner_constraints, self.outer_view(outer),
+                  self.inner_view(inner, buffers, training=False))
         if not isinstance(g, Tensor) or g.dim() > 1 or not g.is_floating_point():
             got = f"a {g.dim()}-d {g.dtype} tensor of shape {tuple(g.shape)}" if isinstance(g, Tensor) else type(g).__name__
             raise BilevelError(f"Problem: inner_constraints must return a 1-D floating-point tensor g (feasible where "
                                f"g <= 0), got {got}; stack the constraints with torch.stack([...]).")
+        count = self.__dict__.setdefault("_n_constraints", g.numel())  # fixed by the first evaluation
+        if g.numel() != count:
+            raise BilevelError(f"Problem: inner_constraints returned {g.numel()} values, but {count} the first time; the "
+                               "number of constraints must stay fixed.")
         return g.reshape(-1)
 
     def project_outer(self, outer: Params) -> Params:
         """Proj onto the outer feasible set (user projection, then the box)."""
         if self.outer_projection is not None:
-            projected = _as_params(self.outer_projection(self.outer_view(outer)), self._outer_lone, "outer_projection")
+            projected = _as_params(_call("outer_projection", self.outer_projection, self.outer_view(outer)),
+                                   self._outer_lone, "outer_projection")
             _check_same_structure("outer_projection", outer, projected)
+            _check_finite_projection("outer_projection", projected, self._outer_lone)
             outer = projected
-        if self.outer_bounds is not None:
+        if self.outer_bounds is not None and any(b is not None for b in self.outer_bounds):
             lo, hi = self.outer_bounds
             outer = {k: v.clamp(min=lo, max=hi) for k, v in outer.items()}
         return outer
@@ -179,9 +188,10 @@ class Problem:
         """Proj onto the inner feasible set (identity unless ``inner_projection`` is given)."""
         if self.inner_projection is None:
             return inner
-        projected = _as_params(self.inner_projection(self.inner_view(inner, None, training=False)), self._inner_lone,
-                               "inner_projection")
+        projected = _as_params(_call("inner_projection", self.inner_projection, self.inner_view(inner, None, training=False)),
+                               self._inner_lone, "inner_projection")
         _check_same_structure("inner_projection", inner, projected)
+        _check_finite_projection("inner_projection", projected, self._inner_lone)
         return projected
 
     def project_joint(self, outer: Params, inner: Params) -> tuple[Params, Params]:
@@ -189,11 +199,13 @@ class Problem:
         :meth:`project_inner`."""
         if self.joint_projection is None:
             return self.project_outer(outer), self.project_inner(inner)
-        result = self.joint_projection(self.outer_view(outer), self.inner_view(inner, None, training=False))
+        result = _call("joint_projection", self.joint_projection, self.outer_view(outer),
+                       self.inner_view(inner, None, training=False))
         if not (isinstance(result, tuple) and len(result) == 2):
             raise BilevelError(f"Problem: joint_projection must return a pair (outer, inner), got {type(result).__name__}.")
         new_outer = _as_params(result[0], self._outer_lone, "joint_projection (outer)")
         new_inner = _as_params(result[1], self._inner_lone, "joint_projection (inner)")
+        _check_finite_projection("joint_projection", {**new_outer, **{f"inner.{k}": v for k, v in new_inner.items()}})
         _check_same_structure("joint_projection (outer)", outer, new_outer)
         _check_same_structure("joint_projection (inner)", inner, new_inner)
         return new_outer, new_inner
@@ -234,25 +246,21 @@ class Problem:
                         "Use them in inner_loss, move them to the inner variables, or pass check_dependencies=False."
                     )
         if self.inner_constraints is not None:
-            g = self.inner_constraints(self.outer_view(outer), self.inner_view(inner, None, training=False))
-            if not isinstance(g, Tensor) or g.dim() > 1:
-                shape = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
-                raise BilevelError(f"Problem: inner_constraints must return a 1-D tensor g with g <= 0 feasible; got {shape}.")
+            self.constraints(outer, inner)  # a 1-D floating-point tensor, whose length the later calls must keep
 
 
 def _evaluate(name: str, data_name: str, fn: Any, outer: Params, inner: Params, batch: Batch) -> Any:
     try:
         value = fn(outer, inner, batch)
-    except BilevelError:
-        raise
-    except (MemoryError, torch.OutOfMemoryError):
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure of the user's function on the first batch
-        shapes = _describe(batch)
-        raise BilevelError(
-            f"Problem: {name} failed on the first batch of {data_name} ({shapes}) with the initial variables "
-            f"({_describe(inner)}): {e}. Check that the data's shapes match the variables and the model."
-        ) from e
+    except BilevelError as e:
+        cause = e.__cause__
+        if cause is None or isinstance(cause, BilevelError):  # bilevel's own finding: already says what to do
+            raise
+        raise BilevelError(  # the user's function failed: say on what
+            f"Problem: {name} failed on the first batch of {data_name} ({_describe(batch)}) with the initial variables "
+            f"({_describe(inner)}): {type(cause).__name__}: {cause}. Check that the data's shapes match the variables "
+            "and the model."
+        ) from cause
     return _check_scalar(name, value)
 
 
@@ -274,6 +282,31 @@ def check_finite(what: str, value: Tensor, step: int | None = None) -> None:
             f"{what} is not finite{where} (value {value.detach().flatten()[:4].tolist()}); "
             "lower the step sizes, check the data for NaN/inf, or bound the outer variables with outer_bounds."
         )
+
+
+def _call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` for one of the user's functions: an exception it raises comes out as a :class:`BilevelError`
+    that names the function (the original chained), wherever in a method it was called."""
+    try:
+        return fn(*args)
+    except BilevelError:
+        raise
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's code: any failure gets its name attached
+        raise BilevelError(f"Problem: {name} raised {type(e).__name__}: {e}") from e
+
+
+def _check_finite_projection(name: str, params: Params, lone: bool = False) -> None:
+    """A projection's output must be finite (one host sync; skipped inside torch.func transforms, where values are
+    abstract)."""
+    if torch._C._functorch.maybe_current_level() is not None:
+        return
+    bad = [k for k, v in params.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        where = "" if lone else f" (in {', '.join(map(repr, bad))})"
+        raise BilevelError(f"Problem: {name} returned NaN/inf{where}; a projection must map finite variables to finite "
+                           "ones.")
 
 
 def _loss_value(name: str, value: Any) -> Tensor:

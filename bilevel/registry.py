@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from bilevel.errors import BilevelError
+from bilevel.problem import OPTIONAL_INPUTS
 
 _SOLVERS: dict[str, type] = {}
 T = TypeVar("T", bound=type)
@@ -65,3 +66,16 @@ def solver_options(method: str) -> dict[str, Any]:
     """Option names of a method with their defaults (what the CLI and Optuna integration expose)."""
     cls = solver_class(method)
     return {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+
+
+def check_problem_inputs(name: str, solver: Any, problem: Any, owner: str = "solve") -> None:
+    """Refuse a problem input the method would ignore (``inner_constraints``, ``joint_projection``,
+    ``inner_projection``), naming the methods that honour it."""
+    honoured = getattr(solver, "problem_inputs", OPTIONAL_INPUTS)
+    for what in OPTIONAL_INPUTS:
+        if getattr(problem, what) is not None and what not in honoured:
+            users = [m for m in available_methods() if what in getattr(solver_class(m), "problem_inputs", ())]
+            raise BilevelError(
+                f"{owner}: method {name!r} cannot honour Problem({what}=...), so it would be ignored; methods that do: "
+                f"{', '.join(users) or 'none'}. Use one of them or drop {what}."
+            )

@@ -22,10 +22,10 @@ from bilevel.data import DataStreams
 from bilevel.errors import BilevelError
 from bilevel.functional import load_into
 from bilevel.history import History
-from bilevel.options import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, check_arguments, owner_name
+from bilevel.options import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Seed, check_arguments, owner_name
 from bilevel.oracles import count_oracle_calls
-from bilevel.problem import LONE_KEY, OPTIONAL_INPUTS, Problem, check_finite
-from bilevel.registry import available_methods, make_solver, solver_class
+from bilevel.problem import LONE_KEY, Problem, check_finite
+from bilevel.registry import check_problem_inputs, make_solver
 from bilevel.rng import seed_everything
 from bilevel.types import Params
 
@@ -81,7 +81,7 @@ def solve(
     *,
     maxiter: NonNegativeInt = 100,
     callbacks: Sequence[Callable[..., Any]] = (),
-    seed: NonNegativeInt | None = None,
+    seed: Seed | None = None,
     time_limit: PositiveFloat | None = None,
     hypergrad_tol: NonNegativeFloat | None = None,
     state: Any = None,
@@ -131,7 +131,7 @@ def solve(
     data = DataStreams(problem.inner_data, problem.outer_data)
     if validate:
         problem.validate(data.inner(), data.outer())
-        data = DataStreams(problem.inner_data, problem.outer_data)
+        data = data.restarted()
     if checkpoint is not None:
         data.state_dict()  # refuses one-shot iterators now rather than at the first save
     fresh = solver.init(problem)
@@ -270,19 +270,6 @@ def _resume_point(state: Any, checkpoint: Any, fresh: Any, name: str, settings: 
             f"solve: state= holds variables {got}, but this problem has {signature}; pass a state of this problem."
         )
     return state
-
-
-def check_problem_inputs(name: str, solver: Any, problem: Problem) -> None:
-    """Refuse a problem input the method would ignore (``inner_constraints``, ``joint_projection``,
-    ``inner_projection``), naming the methods that honour it."""
-    honoured = getattr(solver, "problem_inputs", OPTIONAL_INPUTS)
-    for what in OPTIONAL_INPUTS:
-        if getattr(problem, what) is not None and what not in honoured:
-            users = [m for m in available_methods() if what in getattr(solver_class(m), "problem_inputs", ())]
-            raise BilevelError(
-                f"solve: method {name!r} cannot honour Problem({what}=...), so it would be ignored; methods that do: "
-                f"{', '.join(users) or 'none'}. Use one of them or drop {what}."
-            )
 
 
 def _check_finite_variables(name: str, state: Any, step: int) -> None:

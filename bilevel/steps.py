@@ -33,7 +33,7 @@ from torch import Tensor
 from bilevel import oracles, tree
 from bilevel.errors import BilevelError
 from bilevel.linsolve import power_method
-from bilevel.problem import Problem
+from bilevel.problem import Problem, check_finite
 from bilevel.types import Batch, Params
 
 Auto = Literal["auto"]
@@ -71,7 +71,8 @@ def measure(
 ) -> Curvature:
     """L̂ of ∇²_ww fn(λ, w) at (``outer``, ``inner``): a fresh estimate, or a refresh from ``previous``.
     ``may_vanish``: a zero curvature is an answer (the outer loss can be flat in w), not an error."""
-    lin = oracles.Linearization.of(fn, outer, inner)
+    lin = oracles.Linearization.of(fn, outer, inner, name=what.replace(" ", "_"))
+    check_finite(f"Problem: {what.replace(' ', '_')}", lin.loss, step)
     if previous is None:
         gen = torch.Generator().manual_seed(0)  # a private generator: the global ones are not drawn from
         start = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device) for k, v in inner.items()}

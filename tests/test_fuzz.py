@@ -76,7 +76,7 @@ def fuzz(ci_examples: int) -> Callable[[Callable[..., None]], Callable[..., None
 
 METHODS = bilevel.available_methods()
 FAMILY = {m: "stn" if m == "stn" else "meta" if m in ("maml", "imaml") else "ridge" for m in METHODS}
-HYPERGRADIENT_METHODS = [m for m in METHODS if callable(getattr(solver_class(m), "hypergradient", None))]
+HYPERGRADIENT_METHODS = [m for m in METHODS if getattr(solver_class(m), "differentiates", None) is not None]
 
 
 # ----- small problems: a ridge-like problem (tensor or dict), a meta-learning one, a self-tuning network ------------
@@ -170,13 +170,13 @@ def make_problem(
 def params_of(x: Any) -> dict[str, torch.Tensor]:
     """A projection's or constraint's argument as a dict: a tensor, a dict or a ModuleView."""
     if isinstance(x, torch.Tensor):
-        return {"_": x}
+        return {"value": x}
     return dict(x.params) if isinstance(x, bilevel.ModuleView) else dict(x)
 
 
 def like(x: Any, new: dict[str, torch.Tensor]) -> Any:
     """``new`` in the form of ``x`` (a lone tensor stays a tensor; a dict or ModuleView becomes a dict)."""
-    return new["_"] if isinstance(x, torch.Tensor) else new
+    return new["value"] if isinstance(x, torch.Tensor) else new
 
 
 def constraint(outer: Any, inner: Any) -> torch.Tensor:
@@ -201,14 +201,23 @@ def tagged(strategy: st.SearchStrategy, label: str, refuse: bool) -> st.SearchSt
     return strategy.map(lambda v: Bad(v, label, refuse))
 
 
+AUTO = typing.Literal["auto"]
+
+
 def split_optional(hint: Any) -> tuple[Any, bool]:
-    """(X, True) for ``X | None``, else (X, False); ``Annotated[X, ...]`` (a range, say) is read as X."""
+    """(X, True) for ``X | None``, else (X, False); ``Annotated[X, ...]`` (a range, say) is read as X, and the
+    ``"auto"`` arm of a step size (``X | Literal["auto"]``) is dropped (its wrong spellings are drawn separately)."""
     if typing.get_origin(hint) is typing.Annotated:
         return split_optional(typing.get_args(hint)[0])
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint):
-        (rest,) = [a for a in typing.get_args(hint) if a is not type(None)]  # the settings' unions are X | None
-        return split_optional(rest)[0], True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        arms = [a for a in typing.get_args(hint) if a is not type(None) and a != AUTO]
+        (rest,) = arms  # the settings' unions are X | None and X | "auto" (| None)
+        return split_optional(rest)[0], type(None) in typing.get_args(hint)
     return hint, False
+
+
+def has_auto(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and AUTO in typing.get_args(hint)
 
 
 def option_values(name: str, hint: Any) -> st.SearchStrategy[Bad]:
@@ -251,6 +260,8 @@ def option_values(name: str, hint: Any) -> st.SearchStrategy[Bad]:
         raise AssertionError(f"test_fuzz has no bad values for option {name!r} annotated {hint!r}; add them")
     if not optional:
         out.append(tagged(st.none(), "None", True))
+    if has_auto(hint):
+        out.append(tagged(st.sampled_from(["AUTO", "Auto", "automatic", "auto "]), "misspelt auto", True))
     return st.one_of(out)
 
 
@@ -491,7 +502,7 @@ SOLVE_ARGS: dict[str, st.SearchStrategy[Bad]] = {
 }
 
 CHECK_ARGS: dict[str, st.SearchStrategy[Bad]] = {
-    "eps": st.one_of(tagged(st.sampled_from([0.0, math.nan, math.inf, "1e-4", None]), "bad eps", True),
+    "eps": st.one_of(tagged(st.sampled_from([0.0, math.nan, math.inf, "1e-4"]), "bad eps", True),
                      tagged(st.floats(1e-12, 1e3) | st.floats(-1e-2, -1e-6), "tiny/huge/negative eps", False)),
     "n_directions": tagged(st.sampled_from([0, -1, 1.5, "3", None, True]), "bad n_directions", True),
     "inner_maxiter": st.one_of(tagged(st.sampled_from([-1, 2.5, "10", None]), "bad inner_maxiter", True),

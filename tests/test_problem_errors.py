@@ -78,7 +78,7 @@ def test_bad_data_type_and_constraints_shape():
     with pytest.raises(BilevelError, match="inner_data must be a batch"):
         make(inner_data=3.0)
     problem = make(inner_constraints=lambda lam, w: torch.zeros(2, 2))
-    with pytest.raises(BilevelError, match="1-D tensor"):
+    with pytest.raises(BilevelError, match="1-D floating-point tensor"):
         bilevel.solve(problem, "lvhba", maxiter=1)
     with pytest.raises(BilevelError, match="method 'cg' cannot honour Problem\\(inner_constraints=...\\).*lvhba"):
         bilevel.solve(problem, "cg", maxiter=1)

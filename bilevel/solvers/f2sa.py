@@ -243,7 +243,7 @@ class F2SA(Options):
         gy_x = oracles.grad_inner_wrt_outer(problem, outer, y, inner_batch, buffers)
         gz_x = oracles.grad_inner_wrt_outer(problem, outer, inner, inner_batch, buffers)
         return Hypergradient(hypergrad=_outer_direction(f_x, gy_x, gz_x, lam), outer_loss=outer_loss, inner=inner,
-                             buffers=buffers)
+                             buffers=buffers, details={"penalty": float(lam)})
 
     # ----- protocol -----------------------------------------------------------------------------------------
     def init(self, problem: Problem) -> F2SAState:

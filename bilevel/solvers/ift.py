@@ -140,11 +140,12 @@ class IFT(Options):
         alpha = inner_lr if self.neumann_alpha is None else auto if self.neumann_alpha == "auto" else self.neumann_alpha
         return {"inner_lr": inner_lr, "neumann_alpha": float(alpha)}
 
-    def linear_solver(self, pairs: CurvaturePairs | tuple[()] = (), alpha: float | None = None) -> Any:
+    def linear_solver(self, pairs: CurvaturePairs | tuple[()] = (), alpha: float | None = None,
+                      curvature: float | None = None) -> Any:
         """The configured ``solve(matvec, b, [x0]) -> LinSolveResult``; ``pairs``: the previous CG solve's
-        curvature pairs, for the recycled preconditioner; ``alpha``: Neumann's step."""
+        curvature pairs, for the recycled preconditioner; ``alpha``: Neumann's step, checked against ``curvature``."""
         if self.linsolve == "neumann":
-            return functools.partial(neumann, alpha=alpha, maxiter=self.neumann_terms)
+            return functools.partial(neumann, alpha=alpha, maxiter=self.neumann_terms, lipschitz=curvature)
         if self.linsolve == "cg":
             if self.cg_preconditioner is None:
                 return functools.partial(cg, maxiter=self.cg_maxiter, rtol=self.cg_rtol)
@@ -158,21 +159,19 @@ class IFT(Options):
     def hypergradient(
         self, problem: Problem, outer: Params, inner: Params, data: DataStreams,
         buffers: Params | None = None, x0: Params | None = None, pairs: CurvaturePairs | tuple[()] = (),
-        alpha: float | None = None,
+        alpha: float | None = None, curvature: float | None = None,
     ) -> Hypergradient:
         """dF/dλ at (λ, w) by the implicit rule with this solver's linear solver (``x0``, ``pairs``: the previous
         solve's solution and curvature pairs, used when warm starts / the preconditioner are on; ``alpha``: Neumann's
         step, measured at (λ, w) when not given and not set)."""
         use_x0 = x0 if (self.linsolve in ("cg", "minres") and self.warm_start) else None
         inner_batch = data.inner()
-        if self.linsolve == "neumann" and alpha is None:
-            fixed = self.neumann_alpha if self.neumann_alpha not in ("auto", None) else \
-                self.inner_lr if self.neumann_alpha is None and self.inner_lr != "auto" else None
-            alpha = fixed if fixed is not None else 1.0 / inner_curvature(problem, outer, inner, inner_batch, buffers,
-                                                                          0).value
+        if self.linsolve == "neumann" and alpha is None:  # a call outside solve(): measure here (neumann checks α)
+            curvature = inner_curvature(problem, outer, inner, inner_batch, buffers, 0).value
+            alpha = self.step_sizes(curvature)["neumann_alpha"]
         return implicit_hypergrad(
             problem, outer, inner, inner_batch=inner_batch, outer_batch=data.outer(),
-            buffers=buffers, solve=self.linear_solver(pairs, alpha), x0=use_x0,
+            buffers=buffers, solve=self.linear_solver(pairs, alpha, curvature), x0=use_x0,
             hvp_dtype=None if self.hvp_dtype is None else getattr(torch, self.hvp_dtype),
         )
 
@@ -203,7 +202,7 @@ class IFT(Options):
             curvature = curvature.flag()  # the step was too long for the curvature now: measure again next step
         try:
             hg = self.hypergradient(problem, state.outer, inner, data, buffers, x0=state.v, pairs=state.pairs,
-                                    alpha=steps["neumann_alpha"])
+                                    alpha=steps["neumann_alpha"], curvature=curvature and curvature.value)
         except NeumannDivergenceError:
             if self.neumann_alpha != "auto":
                 raise
@@ -211,7 +210,7 @@ class IFT(Options):
             curvature = inner_curvature(problem, state.outer, inner, data.inner(), buffers, state.k, curvature.flag())
             steps = self.step_sizes(curvature.value)
             hg = self.hypergradient(problem, state.outer, inner, data, buffers, x0=state.v, pairs=state.pairs,
-                                    alpha=steps["neumann_alpha"])
+                                    alpha=steps["neumann_alpha"], curvature=curvature and curvature.value)
         outer_lr = state.outer_lr or outer_lr_for(self.outer_optimizer, self.outer_lr, state.outer, hg.hypergrad)
         outer, outer_state = outer_step(problem, state.outer, hg.hypergrad, self.outer_optimizer, outer_lr,
                                         state.outer_opt)
