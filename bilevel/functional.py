@@ -18,6 +18,12 @@ from torch.func import functional_call
 from bilevel.types import Params
 
 
+def in_transform() -> bool:
+    """Whether the code runs inside a ``torch.func`` transform (``grad``, ``vjp``, ``vmap``, ...), where tensors are
+    wrapped and their values cannot be read on the host."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 def split_module(module: nn.Module) -> tuple[Params, Params]:
     """Detached copies of ``(parameters, buffers)`` of ``module``, keyed by their dotted names."""
     params = {k: v.detach().clone() for k, v in module.named_parameters()}

@@ -26,7 +26,8 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, jvp, vjp
 
 from bilevel.errors import BilevelError
-from bilevel.problem import Problem
+from bilevel.functional import in_transform
+from bilevel.problem import Problem, check_finite
 from bilevel.types import Batch, Params
 
 _COUNTER: contextvars.ContextVar[Counter | None] = contextvars.ContextVar("bilevel_oracle_counter", default=None)
@@ -56,8 +57,6 @@ def _tick(kind: str, n: int = 1) -> None:
 # Outside any torch.func transform, plain reverse mode (torch.autograd.grad) gives the same numbers with less
 # per-call overhead (measured: 0.14 ms vs 0.36 ms for a small outer gradient, benchmarks/hypergrad_peers.py);
 # under vmap/grad/jvp (meta-learning over tasks) the torch.func path is taken, which composes with them.
-def _in_transform() -> bool:
-    return torch._C._functorch.maybe_current_level() is not None
 
 
 def _value_and_grads(
@@ -65,7 +64,7 @@ def _value_and_grads(
     name: str = "inner_loss",
 ) -> tuple[Tensor, Params, Params]:
     """(fn(λ, w), ∇_λ fn or {}, ∇_w fn or {}) by one reverse pass; zeros for unused entries."""
-    if _in_transform():
+    if in_transform():
         argnums = tuple(i for i, on in ((0, wrt_outer), (1, wrt_inner)) if on)
         grads, value = grad_and_value(fn, argnums=argnums)(outer, inner)
         it = iter(grads)
@@ -107,7 +106,7 @@ def value_and_grad_inner(
 ) -> tuple[Tensor, Params, Params]:
     r"""(L_T, ∇_w L_T, buffers after the forward pass): what one training step of w needs."""
     _tick("grad_inner")
-    if _in_transform():
+    if in_transform():
 
         def f_aux(w: Params) -> tuple[Tensor, tuple[Tensor, Params]]:
             loss, updated = problem.inner_objective_and_buffers(outer, w, batch, buffers)
@@ -182,6 +181,8 @@ def constraint_vjp(
     r"""(g(λ, w), μᵀ∂_λ g, μᵀ∂_w g): the constraint values and one VJP, as LV-HBA needs."""
     _tick("constraint_vjp")
     g, pullback = vjp(lambda lam, w: problem.constraints(lam, w, buffers), outer, inner)
+    if not in_transform():
+        check_finite("Problem: inner_constraints", g.detach())
     if mu.shape != g.shape:
         raise BilevelError(
             f"Problem: inner_constraints returned {g.numel()} values, but {mu.numel()} the first time (one multiplier "

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from bilevel.data import BatchStream
 from bilevel.errors import BilevelError
-from bilevel.functional import ModuleView, split_module
+from bilevel.functional import ModuleView, in_transform, split_module
 from bilevel.options import check_value
 from bilevel.types import Batch, ConstraintFn, LossFn, Params, ProjectionFn
 
@@ -165,6 +165,8 @@ class Problem:
             got = f"a {g.dim()}-d {g.dtype} tensor of shape {tuple(g.shape)}" if isinstance(g, Tensor) else type(g).__name__
             raise BilevelError(f"Problem: inner_constraints must return a 1-D floating-point tensor g (feasible where "
                                f"g <= 0), got {got}; stack the constraints with torch.stack([...]).")
+        if not in_transform():  # concrete values (constraint_vjp checks its own): NaN/inf here would poison μ
+            check_finite("Problem: inner_constraints", g.detach())
         count = self.__dict__.setdefault("_n_constraints", g.numel())  # fixed by the first evaluation
         if g.numel() != count:
             raise BilevelError(f"Problem: inner_constraints returned {g.numel()} values, but {count} the first time; the "
@@ -300,7 +302,7 @@ def _call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
 def _check_finite_projection(name: str, params: Params, lone: bool = False) -> None:
     """A projection's output must be finite (one host sync; skipped inside torch.func transforms, where values are
     abstract)."""
-    if torch._C._functorch.maybe_current_level() is not None:
+    if in_transform():
         return
     bad = [k for k, v in params.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:

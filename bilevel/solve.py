@@ -176,7 +176,7 @@ def solve(
                     f"{name}, outer step {step}: {type(e).__name__}: {e}. It was raised while evaluating the problem's "
                     "functions (losses, constraints, projections, data); the traceback above shows where."
                 ) from e
-        scalars = {k: _scalar(v) for k, v in metrics.items()}
+        scalars = {k: _scalar(v) for k, v in metrics.items() if v is not None}  # None: nothing to record yet
         step_time = time.perf_counter() - t0
         total_calls.update(calls)
         for key in ("outer_loss", "inner_loss", "hypergrad_norm"):

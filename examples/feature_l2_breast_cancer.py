@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     grid_metrics = evaluate(best[2])
 
     # Bilevel: 30 per-feature penalties by implicit differentiation.
-    result = bilevel.solve(problem, args.method, maxiter=args.maxiter, seed=args.seed,
-                           inner_steps=20, inner_lr=0.5, outer_lr=0.1, callbacks=[bilevel.ProgressBar(args.maxiter)])
+    result = bilevel.solve(problem, args.method, maxiter=args.maxiter, seed=args.seed,  # default settings ("auto")
+                           callbacks=[bilevel.ProgressBar(args.maxiter)])
     inner = solve_inner(problem, result.outer_params, result.inner_params, splits.train.astuple())
     metrics = evaluate(inner)
     val_loss = float(logistic_loss(inner, val))
@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           "(data, grid search, bilevel run, evaluation)")
     print(f"30 penalties are fitted to {len(splits.val)} validation examples: compare the validation and test columns "
           "to see how much of the gain is validation overfitting (see also --maxiter).")
+    print(f"The progress bar's outer_loss ({result.history['outer_loss'][-1]:.4f} at the last step) is L_V at the "
+          "solver's own inner iterate, trained for 10 steps at the previous λ; the table's val loss refits w to "
+          "convergence at the final λ (what the penalties are worth).")
     return {"grid_val_loss": best[0], "bilevel_val_loss": val_loss, **metrics,
             "grid_test_accuracy": grid_metrics["test_accuracy"], "features_off": len(off)}
 

@@ -247,7 +247,8 @@ def test_auto_search_space_rules_on_ift():
     assert space["inner_steps"] == IntDistribution(2, 40, log=True)
     assert "inner_lr" not in space and "outer_lr" not in space  # "auto": they adapt to the problem
     assert auto_search_space("f2sa")["schedule_offset"] == FloatDistribution(1.0, 100.0, log=True)
-    assert space["inner_momentum"] == FloatDistribution(0.0, 0.99)
+    assert "inner_momentum" not in space  # "auto"
+    assert auto_search_space("f2sa")["momentum_weight"] == FloatDistribution(0.0, 0.99)  # a momentum-like name
     assert set(space["linsolve"].choices) == {"neumann", "cg", "minres", "exact"}
     assert set(space["inner_optimizer"].choices) == {"sgd", "adam", "rmsprop"}
     assert space["warm_start"].choices == (False, True)

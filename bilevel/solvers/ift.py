@@ -41,6 +41,7 @@ from bilevel.problem import Problem
 from bilevel.registry import register
 from bilevel.solvers.common import check_momentum_applies, make_inner_optimizer, outer_step, train_inner
 from bilevel.steps import Auto, Curvature, inner_curvature, losses_rose, outer_lr_for
+from bilevel.steps import inner_momentum as steps_inner_momentum
 from bilevel.types import Params
 
 LinSolveName = Literal["neumann", "cg", "minres", "exact"]
@@ -100,7 +101,7 @@ class IFT(Options):
     inner_steps: NonNegativeInt = 10
     inner_lr: PositiveFloat | Auto = "auto"
     inner_optimizer: OptimizerName = "sgd"
-    inner_momentum: Momentum = 0.0
+    inner_momentum: Momentum | Auto = "auto"
     outer_lr: PositiveFloat | Auto = "auto"
     outer_optimizer: OptimizerName = "adam"
     linsolve: LinSolveName = "neumann"
@@ -120,11 +121,13 @@ class IFT(Options):
                                f"(its reliable updates keep the accuracy); got linsolve={self.linsolve!r}.")
         if self.cg_preconditioner is not None and self.linsolve != "cg":
             raise BilevelError(f"{owner}: cg_preconditioner needs linsolve='cg', got linsolve={self.linsolve!r}.")
-        check_momentum_applies(owner, self.inner_optimizer, self.inner_momentum)
+        if self.inner_momentum != "auto":
+            check_momentum_applies(owner, self.inner_optimizer, self.inner_momentum)
 
     # ----- pieces -------------------------------------------------------------------------------------------
     def _inner_optimizer(self, inner_lr: float) -> Optimizer:
-        return make_inner_optimizer(self.inner_optimizer, inner_lr, self.inner_momentum)
+        momentum = steps_inner_momentum(self.inner_momentum, self.inner_lr, self.inner_optimizer)
+        return make_inner_optimizer(self.inner_optimizer, inner_lr, momentum)
 
 
     @property

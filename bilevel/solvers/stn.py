@@ -47,7 +47,9 @@ Writing the problem: ``outer`` = the unconstrained hyperparameters (a ``HyperSpa
     space.constrained(result.outer)                 # the final hyperparameters
 
 The history holds the schedules: ``hp/<name>`` (constrained value at λ; ``outer/<name>`` without a HyperSpace)
-and ``scale/<name>`` (σ) per step, besides ``outer_loss`` (L_V at the perturbed λ̃), ``inner_loss``, ``entropy``.
+and ``scale/<name>`` (σ) per step, besides ``outer_loss`` (L_V at the unperturbed λ and ŵ_φ(λ) on the step's last
+validation batch, as every method reports it), ``perturbed_outer_loss`` (the mean L_V at the perturbed λ̃ the
+hyperparameter steps descended), ``inner_loss``, ``entropy``.
 """
 
 from __future__ import annotations
@@ -230,7 +232,10 @@ class STN(Options):
                     scale = tree.detach(scale)
                     sigma = {k: F.softplus(v) for k, v in scale.items()}
                 outer_losses.append(loss)
-            metrics["outer_loss"] = torch.stack(outer_losses).mean()
+            metrics["perturbed_outer_loss"] = torch.stack(outer_losses).mean()
+            with torch.no_grad():  # L_V at the returned λ and ŵ_φ(λ) (unperturbed: what every method reports)
+                at = {k: outer[k] + torch.zeros_like(eps[k]) for k in outer}  # the per-example shape, no noise
+                metrics["outer_loss"] = problem.outer_objective(at, inner, batch, buffers)
             metrics["hypergrad_norm"] = tree.norm(g_outer)
         metrics["entropy"] = sum(
             float(torch.log(s).sum()) + 0.5 * s.numel() * math.log(2 * math.pi * math.e) for s in sigma.values())

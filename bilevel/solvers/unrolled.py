@@ -23,6 +23,7 @@ from bilevel.problem import Problem
 from bilevel.registry import register
 from bilevel.solvers.common import outer_step
 from bilevel.steps import Auto, Curvature, inner_curvature, outer_lr_for
+from bilevel.steps import inner_momentum as steps_inner_momentum
 from bilevel.types import Params
 
 
@@ -53,14 +54,14 @@ class Unrolled(Options):
 
     inner_steps: NonNegativeInt = 10
     inner_lr: PositiveFloat | Auto = "auto"
-    inner_momentum: Momentum = 0.0
+    inner_momentum: Momentum | Auto = "auto"
     outer_lr: PositiveFloat | Auto = "auto"
     outer_optimizer: OptimizerName = "adam"
     reset_inner: bool = False
     first_order: bool = False
 
     def inner_optimizer(self, inner_lr: float) -> Optimizer:
-        return make_optimizer("sgd", inner_lr, momentum=self.inner_momentum)
+        return make_optimizer("sgd", inner_lr, momentum=steps_inner_momentum(self.inner_momentum, self.inner_lr, "sgd"))
 
     def hypergradient(
         self, problem: Problem, outer: Params, inner: Params, data: DataStreams, buffers: Params | None = None,
