@@ -6,7 +6,8 @@ An explicit number is used as given. ``"auto"`` derives the step from the proble
   linearization (20 Hessian-vector products the first time, 5 from the last eigenvector estimate afterwards), and
   η = 1/L̂ (gradient descent converges for η < 2/L). The estimate is refreshed every ``REFRESH_EVERY`` outer steps,
   and at the next step whenever a full-batch inner loss rose during training (then L̂ is at least doubled: the
-  curvature grew faster than the estimate followed). The Neumann step α of ``ift`` is the same 1/L̂. With it,
+  curvature grew faster than the estimate followed); a refresh lowers L̂ by at most half (5 iterations from the old
+  eigenvector can miss a new top direction). The Neumann step α of ``ift`` is the same 1/L̂. With it,
   ``inner_momentum="auto"`` is heavy-ball momentum 0.9 (SGD only).
 * **outer steps**: Adam and RMSprop move each coordinate by about their step, so ``"auto"`` is
   ``OUTER_STEP``·max(1, rms(λ₀)) — a tenth of the scale of the hyperparameters, put them on an O(1) scale
@@ -85,8 +86,10 @@ def measure(
         value, vector = power_method(lin.hvp, start, maxiter=FIRST_ITERATIONS)
     else:
         value, vector = power_method(lin.hvp, previous.vector, maxiter=REFRESH_ITERATIONS)
-        if previous.stale:
-            value = max(value, 2.0 * previous.value)
+        # A few iterations from the old eigenvector underestimate λ_max when the eigenvector has turned (the
+        # hyperparameters moved): let the estimate fall by at most half per refresh, and at least double it after a
+        # rise of the loss (the step was too long).
+        value = max(value, 2.0 * previous.value if previous.stale else 0.5 * previous.value)
     if not (math.isfinite(value) and (value > 0 or may_vanish)):
         raise BilevelError(
             f"steps: the curvature of the {what} in the inner variables is {value:.3g} at outer step {step} (power "
@@ -115,6 +118,21 @@ def inner_momentum(setting: float | str, inner_lr: float | str, optimizer: str) 
     if setting != "auto":
         return float(setting)
     return AUTO_MOMENTUM if inner_lr == "auto" and optimizer == "sgd" else 0.0
+
+
+def constraint_norm(problem: Problem, outer: Params, inner: Params, buffers: Params | None, n_constraints: int,
+                    samples: int = 4) -> float:
+    """‖∂_w g(λ, w)‖_F, the size of the constraints' Jacobian in w, by Hutchinson's estimate E‖(∂_w g)ᵀu‖² with
+    ``samples`` Rademacher vectors u from a private generator (``samples`` constraint VJPs): what bounds the coupling
+    of w and the multipliers in a primal-dual step (LV-HBA's (θ, μ) step)."""
+    gen = torch.Generator().manual_seed(0)
+    like = next(iter(outer.values()))
+    total = 0.0
+    for _ in range(samples):
+        u = (torch.randint(0, 2, (n_constraints,), generator=gen) * 2 - 1).to(dtype=like.dtype, device=like.device)
+        _, _, vjp_w = oracles.constraint_vjp(problem, outer, inner, u, buffers)
+        total += float(tree.sq_norm(vjp_w))
+    return math.sqrt(total / samples)
 
 
 def outer_scale(outer: Params) -> float:

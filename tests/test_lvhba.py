@@ -101,7 +101,8 @@ def test_unconstrained_fixed_penalty_matches_closed_form(c, gamma1):
     (penalty_power = 0) converges to x*_λ, λ = cγ₁/(1 + γ₁) (closed form, ≤1e-8)."""
     problem, a, b = quadratic()
     steps = 600
-    result = solve(problem, "lvhba", maxiter=steps, lr=0.3, prox_lr=0.8, gamma1=gamma1, penalty0=c, penalty_power=0.0)
+    result = solve(problem, "lvhba", maxiter=steps, lr=0.3, prox_lr=0.8, gamma1=gamma1, penalty0=c, penalty_power=0.0,
+                   outer_lr=None)
     torch.testing.assert_close(result.outer, penalty_minimizer(a, b, c * gamma1 / (1 + gamma1)), rtol=0, atol=1e-8)
     assert result.state.mu.numel() == 0 and result.state.z.numel() == 0
     assert result.history["oracle_calls"][-1] == 4 * steps and "calls_constraint_vjp" not in result.history
@@ -113,7 +114,8 @@ def test_unconstrained_growing_penalty_beats_fixed():
     problem, a, b = quadratic()
     x_star = torch.linalg.solve(a.T @ a + RHO * torch.eye(NX, dtype=torch.float64), a.T @ b)
     fixed_limit_error = float((penalty_minimizer(a, b, 30.0 / 11.0) - x_star).norm())
-    result = solve(problem, "lvhba", maxiter=1000, lr=0.6, prox_lr=0.8, gamma1=10.0, penalty0=3.0, penalty_power=0.3)
+    result = solve(problem, "lvhba", maxiter=1000, lr=0.6, prox_lr=0.8, gamma1=10.0, penalty0=3.0, penalty_power=0.3,
+                   outer_lr=None)
     error = float((result.outer - x_star).norm())
     assert error < 0.5 * fixed_limit_error, (error, fixed_limit_error)
 
@@ -127,7 +129,8 @@ def test_stochastic_dataloader():
     loader = DataLoader(noise, batch_size=8, shuffle=True, generator=gen)
     problem, a, b = quadratic(loader)
     target = penalty_minimizer(a, b, 0.5)
-    result = solve(problem, "lvhba", maxiter=400, lr=0.3, prox_lr=0.5, gamma1=1.0, penalty0=1.0, penalty_power=0.0)
+    result = solve(problem, "lvhba", maxiter=400, lr=0.3, prox_lr=0.5, gamma1=1.0, penalty0=1.0, penalty_power=0.0,
+                   outer_lr=None)
     assert float((result.outer - target).norm()) < 0.1 < float(target.norm()) / 15
 
 
@@ -181,7 +184,7 @@ def test_outer_lr_gives_x_its_own_step():
     y0 = torch.linspace(0.5, -0.5, M, dtype=torch.float64)
     problem = Problem(outer=x0.clone().requires_grad_(True), inner=y0.clone(), inner_loss=base.inner_loss,
                       outer_loss=base.outer_loss)
-    settings = dict(lr=0.1, prox_lr=0.2, gamma1=2.0, penalty0=3.0, penalty_power=0.3)
+    settings = dict(lr=0.1, prox_lr=0.2, gamma1=2.0, penalty0=3.0, penalty_power=0.3, gamma2=10.0)
     outer_lr = 0.4
 
     def grad(fn, x, y):
@@ -202,7 +205,7 @@ def test_outer_lr_gives_x_its_own_step():
 
     states, plain = [], []
     solve(problem, "lvhba", maxiter=2, outer_lr=outer_lr, callbacks=[lambda info: states.append(info.state)], **settings)
-    solve(problem, "lvhba", maxiter=1, callbacks=[lambda info: plain.append(info.state)], **settings)
+    solve(problem, "lvhba", maxiter=1, outer_lr=None, callbacks=[lambda info: plain.append(info.state)], **settings)
     for state, (x, y, theta) in zip(states, expected, strict=True):
         torch.testing.assert_close(state.outer, {"value": x}, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(state.inner, {"value": y}, rtol=1e-12, atol=1e-14)

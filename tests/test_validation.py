@@ -388,7 +388,7 @@ def test_imaml_fallback_warns_when_it_changes_a_task():
     problem = meta_problem({"w": torch.ones(n, dtype=F64)}, loss, ((xs, xs), (xs, xs)),
                            forward=lambda p, x: p["w"].expand_as(x))
     settings = dict(maxiter=1, lam=1.0, inner_lr=0.01, inner_steps=1, cg_maxiter=2)
-    with pytest.warns(bilevel.BilevelWarning, match=r"imaml: CG did not solve .* for 2 of 3 tasks"):
+    with pytest.warns(bilevel.BilevelWarning, match=r"imaml: CG did not solve .* for some tasks"):
         result = bilevel.solve(problem, "imaml", **settings)
     assert result.history["linsolve_fallback"] == [pytest.approx(2 / 3)]
     import warnings

@@ -52,7 +52,7 @@ from bilevel.options import Options, PositiveFloat, Range
 from bilevel.problem import Problem
 from bilevel.registry import register
 from bilevel.solvers.common import power_schedule
-from bilevel.steps import Auto, Curvature, inner_curvature, normalized_outer_lr, outer_curvature
+from bilevel.steps import Auto, Curvature, constraint_norm, inner_curvature, normalized_outer_lr, outer_curvature
 from bilevel.types import Params
 
 
@@ -91,11 +91,17 @@ class LVHBA(Options):
     c_k = c̲(k+1)^p, ``z_max`` r (Z = [0, r]^m). The paper's toy uses α 0.008, β 0.02, η 0.01, γ₁ = γ₂ = 10 and
     c̲ = 0.025, which converges slowly; c̲ between 1 and 10 is much faster (hence the default 1).
 
-    ``"auto"`` (the default of ``lr``, ``prox_lr`` and ``gamma1``; :mod:`bilevel.steps`) scales them to the curvatures
-    L̂_f ≈ λ_max(∇²_yy f) and L̂_F ≈ λ_max(∇²_yy F): γ₁ = 10/L̂_f (the paper's γ₁ = 10 for L = 1), η = 1/(L̂_f + 1/γ₁)
-    (the θ-step's smoothness) and α = 1/(L̂_F/c̲ + L̂_f + 1/γ₁) (the y-step's), refreshed every 10 steps. x takes α too
-    (``outer_lr=None``, the paper's choice: d_x scales with the losses as 1/α does, so the step is scale-free);
-    ``outer_lr="auto"`` instead moves x by a tenth of max(1, rms(x₀)) along the first non-zero d_x.
+    ``"auto"`` (the default of ``lr``, ``outer_lr``, ``prox_lr``, ``gamma1`` and ``gamma2``; :mod:`bilevel.steps`)
+    scales them to the curvatures L̂_f ≈ λ_max(∇²_yy f) and L̂_F ≈ λ_max(∇²_yy F), refreshed every 10 steps:
+
+    * γ₁ = 10/L̂_f (the paper's γ₁ = 10 for L = 1), η = 1/(L̂_f + 1/γ₁) (the θ-step's smoothness) and
+      α = 1/(L̂_F/c̲ + L̂_f + 1/γ₁) (the y-step's);
+    * with constraints, ‖∂_y g‖_F (Hutchinson, 4 constraint VJPs, once) joins both sums, γ₂ = 1/‖∂_y g‖_F and 1/γ₂
+      joins η's: the (θ, μ) step is a gradient descent-ascent step whose coupling is the constraints' Jacobian, stable
+      when the multipliers' curvature 1/γ₂ matches it (the reformulation is exact for every γ₁, γ₂ > 0);
+    * x moves by a tenth of max(1, rms(x₀)) along the first non-zero d_x without constraints, and by α with them
+      (the paper's choice, which ``outer_lr=None`` always makes; a longer x-step destabilised the primal-dual
+      dynamics on the paper's toy). Both are scale-free: d_x scales with the losses as 1/α does.
     """
 
     problem_inputs: ClassVar[frozenset[str]] = frozenset({"inner_constraints", "joint_projection", "inner_projection"})
@@ -105,11 +111,11 @@ class LVHBA(Options):
     )
 
     lr: PositiveFloat | Auto = "auto"
-    outer_lr: PositiveFloat | Auto | None = None
+    outer_lr: PositiveFloat | Auto | None = "auto"
     prox_lr: PositiveFloat | Auto = "auto"
     z_lr: PositiveFloat = 0.02
     gamma1: PositiveFloat | Auto = "auto"
-    gamma2: PositiveFloat = 10.0
+    gamma2: PositiveFloat | Auto = "auto"
     penalty0: PositiveFloat = 1.0
     penalty_power: Annotated[float, Range(0.0, 0.5, high_open=True)] = 0.3
     z_max: PositiveFloat = 1000.0
@@ -118,13 +124,19 @@ class LVHBA(Options):
         """c_k = c̲ (k + 1)^p."""
         return power_schedule(self.penalty0, k, self.penalty_power, 1.0)
 
-    def base_steps(self, f_curvature: float | None, big_f_curvature: float | None) -> dict[str, float]:
-        """γ₁, η (``prox_lr``) and α (``lr``) with ``"auto"`` resolved from L̂_f and L̂_F (see the class)."""
+    def base_steps(self, f_curvature: float | None, big_f_curvature: float | None, coupling: float = 0.0
+                   ) -> dict[str, float]:
+        """γ₁, η (``prox_lr``) and α (``lr``) with ``"auto"`` resolved from L̂_f, L̂_F and the constraints' Jacobian
+        size ‖∂_y g‖ (``coupling``; see the class)."""
         gamma1 = 10.0 / f_curvature if self.gamma1 == "auto" else float(self.gamma1)
-        f_side = (f_curvature or 0.0) + 1.0 / gamma1
-        prox_lr = 1.0 / f_side if self.prox_lr == "auto" else float(self.prox_lr)
+        # γ₂ = 1/‖∂_y g‖: the multipliers' curvature 1/γ₂ then matches the coupling, which a gradient
+        # descent-ascent step on (θ, μ) needs to be stable at a step of order 1/‖∂_y g‖
+        gamma2 = (1.0 / coupling if coupling else 10.0) if self.gamma2 == "auto" else float(self.gamma2)
+        f_side = (f_curvature or 0.0) + 1.0 / gamma1 + coupling
+        prox_lr = 1.0 / (f_side + (1.0 / gamma2 if coupling else 0.0)) if self.prox_lr == "auto" else \
+            float(self.prox_lr)
         lr = 1.0 / ((big_f_curvature or 0.0) / self.penalty0 + f_side) if self.lr == "auto" else float(self.lr)
-        return {"gamma1": gamma1, "prox_lr": prox_lr, "lr": lr}
+        return {"gamma1": gamma1, "gamma2": gamma2, "prox_lr": prox_lr, "lr": lr}
 
     def _measure(self, problem: Problem, state: LVHBAState, inner_batch: Any, outer_batch: Any) -> LVHBAState:
         """L̂_f (and L̂_F) at (x, y) when an ``"auto"`` setting needs them and they are missing or due."""
@@ -134,7 +146,11 @@ class LVHBA(Options):
             f = inner_curvature(problem, state.outer, state.inner, inner_batch, state.buffers, state.k, f)
         if self.lr == "auto" and (big_f is None or big_f.due(state.k)):
             big_f = outer_curvature(problem, state.outer, state.inner, outer_batch, state.buffers, state.k, big_f)
-        base = self.base_steps(f and f.value, big_f and big_f.value)
+        coupling = state.base.get("coupling") if state.base is not None else None
+        if coupling is None:  # constraints: the (θ, μ) step couples w and μ through ∂_y g (measured once, if needed)
+            m = state.mu.numel() if "auto" in (self.gamma2, self.prox_lr, self.lr) else 0
+            coupling = constraint_norm(problem, state.outer, state.inner, state.buffers, m) if m else 0.0
+        base = {**self.base_steps(f and f.value, big_f and big_f.value, coupling), "coupling": coupling}
         if state.base is not None and "outer_lr" in state.base:
             base["outer_lr"] = state.base["outer_lr"]
         return dataclasses.replace(state, curvature=f, outer_curvature=big_f, base=base)
@@ -154,10 +170,10 @@ class LVHBA(Options):
 
     def step(self, problem: Problem, state: LVHBAState, data: DataStreams) -> tuple[LVHBAState, dict[str, Any]]:
         inner_batch, outer_batch = data.inner(), data.outer()  # one sample for every f term, as differences of f
-        if state.base is None or "auto" in (self.gamma1, self.prox_lr, self.lr):
+        if state.base is None or "auto" in (self.gamma1, self.gamma2, self.prox_lr, self.lr):
             state = self._measure(problem, state, inner_batch, outer_batch)
         steps = state.base
-        gamma1, prox_lr, lr = steps["gamma1"], steps["prox_lr"], steps["lr"]
+        gamma1, gamma2, prox_lr, lr = steps["gamma1"], steps["gamma2"], steps["prox_lr"], steps["lr"]
         x, y, theta, mu, z, buffers = state.outer, state.inner, state.theta, state.mu, state.z, state.buffers
         constrained = mu.numel() > 0
         metrics: dict[str, Any] = {}
@@ -168,7 +184,7 @@ class LVHBA(Options):
         if constrained:
             g_val, _, mu_g_w = oracles.constraint_vjp(problem, x, theta, mu, buffers)
             d_theta = tree.add(d_theta, mu_g_w)
-            d_mu = -g_val + (mu - z) / self.gamma2
+            d_mu = -g_val + (mu - z) / gamma2
             mu = (mu - prox_lr * d_mu).clamp(min=0.0).detach()
             metrics["max_constraint"] = g_val.max()
         theta = problem.project_inner(tree.detach(tree.axpy(-prox_lr, d_theta, theta)))
@@ -184,7 +200,8 @@ class LVHBA(Options):
             d_x = tree.sub(d_x, mu_g_x)
         d_y = tree.axpy(1.0 / c_k, big_f_y, tree.axpy(-1.0 / gamma1, tree.sub(y, theta), f_y))
         if "outer_lr" not in steps:  # "auto": scaled by the first non-zero d_x (at the start y = θ, so d_x = ∇_x F/c)
-            outer_lr = lr if self.outer_lr is None else normalized_outer_lr(self.outer_lr, x, d_x)
+            use_alpha = self.outer_lr is None or (self.outer_lr == "auto" and constrained)
+            outer_lr = lr if use_alpha else normalized_outer_lr(self.outer_lr, x, d_x)
             if outer_lr is not None:
                 steps = {**steps, "outer_lr": outer_lr}
         x, y = problem.project_joint(tree.detach(tree.axpy(-steps.get("outer_lr", 0.0), d_x, x)),
@@ -192,7 +209,7 @@ class LVHBA(Options):
 
         # z step
         if constrained:
-            z = (z + self.z_lr * (mu - z) / self.gamma2).clamp(0.0, self.z_max).detach()
+            z = (z + self.z_lr * (mu - z) / gamma2).clamp(0.0, self.z_max).detach()
 
         with torch.no_grad():  # L_V at the variables returned (what every method reports as outer_loss)
             outer_loss = problem.outer_objective(x, y, outer_batch, buffers)

@@ -209,11 +209,11 @@ class MetaLearner(Options):
             failed = ~(residual <= FALLBACK_RESIDUAL)
             metrics["linsolve_fallback"] = failed.to(residual.dtype).mean()
             if self._falls_back and bool(failed.any()):
-                warnings.warn(BilevelWarning(
-                    f"{owner_name(self)}: CG did not solve (I + H/λ)x = b for {int(failed.sum())} of {failed.numel()} "
-                    "tasks (residual above ‖b‖: H has eigenvalues below −λ); their hypergradient fell back to the "
-                    "first-order one x = b (cg_fallback=True). Raise lam or cg_maxiter, or set cg_fallback=False to keep "
-                    "the CG answer. The history's linsolve_fallback is the fraction of such tasks per step."
+                warnings.warn(BilevelWarning(  # one text: shown once per run, the per-step count is in the history
+                    f"{owner_name(self)}: CG did not solve (I + H/λ)x = b for some tasks (residual above ‖b‖: H has "
+                    "eigenvalues below −λ); their hypergradient fell back to the first-order one x = b "
+                    "(cg_fallback=True). Raise lam or cg_maxiter, or set cg_fallback=False to keep the CG answer; the "
+                    "history's linsolve_fallback is the fraction of such tasks at each step."
                 ), stacklevel=2)
         return MetaState(outer, tree.clone(outer), state.buffers, outer_state, uses_outer), metrics
 
