@@ -21,6 +21,8 @@ cumulative count (gradients, HVPs, mixed VJPs, constraint VJPs each count one). 
 the hyper-cleaning hypergradient is O(1/n) per example, hence plain-SGD outer steps of order n/2 for F2SA/LV-HBA,
 scaled from a sweep on the 2k-example MNIST variant, while IFT/CG use Adam).
 
+Every method runs twice: with the tuned settings of ``SETTINGS`` and with its default settings (``solve(problem,
+method)``: ``"auto"`` step sizes, :mod:`bilevel.steps`), labelled ``method (defaults)``; ``--settings`` picks one.
 Prints one table per problem (final and best values, time and calls to a target) and saves a PNG: curves against
 wall time (left) and oracle calls (right).
 
@@ -52,7 +54,7 @@ METHODS = ("f2sa", "lvhba", "ift", "cg")
 SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "quadratic": {
         "f2sa": dict(inner_steps=3, inner_lr=1.0, outer_lr=0.04, penalty0=300.0),
-        "lvhba": dict(lr=0.9, prox_lr=0.9, gamma1=10.0, penalty0=10.0),
+        "lvhba": dict(lr=0.9, prox_lr=0.9, gamma1=10.0, penalty0=10.0, outer_lr=None),
         "ift": dict(inner_steps=10, inner_lr=1.0, neumann_terms=10, outer_optimizer="sgd", outer_lr=0.04),
         "cg": dict(inner_steps=10, inner_lr=1.0, cg_maxiter=10, outer_optimizer="sgd", outer_lr=0.04),
     },
@@ -141,18 +143,18 @@ def print_table(name: str, results: dict[str, tuple[list[dict[str, float]], str]
                 target: tuple[str, float, bool]) -> None:
     tkey, tval, lower = target
     print(f"\n{name}: budget-limited runs (full batch); target {tkey} {'≤' if lower else '≥'} {tval:g}")
-    head = f"{'method':<7} {'steps':>6} {'time s':>7} {'calls':>7} " + " ".join(f"{'final ' + k:>18}" for k in keys)
+    head = f"{'method':<16} {'steps':>6} {'time s':>7} {'calls':>7} " + " ".join(f"{'final ' + k:>18}" for k in keys)
     head += f" {'best ' + tkey:>19} {'t→target s':>11} {'calls→target':>13}"
     print(head)
     print("-" * len(head))
     for method, (rows, note) in results.items():
         if not rows:
-            print(f"{method:<7} no evaluation recorded {note}")
+            print(f"{method:<16} no evaluation recorded {note}")
             continue
         last = rows[-1]
         best = min(r[tkey] for r in rows) if lower else max(r[tkey] for r in rows)
         t, c = first_reach(rows, tkey, tval, lower)
-        line = f"{method:<7} {last['step']:>6.0f} {last['time']:>7.1f} {last['calls']:>7.0f} "
+        line = f"{method:<16} {last['step']:>6.0f} {last['time']:>7.1f} {last['calls']:>7.0f} "
         line += " ".join(f"{last[k]:>18.4g}" for k in keys)
         line += f" {best:>19.4g} {t:>11.1f} {c:>13.0f}"
         print(line + (f"  ({note})" if note else ""))
@@ -170,8 +172,9 @@ def plot(all_results: dict[str, Any], labels: dict[str, dict[str, str]], out: st
         for col, xkey in enumerate(("time", "calls")):
             ax = axes[row][col]
             for method, (rows, _) in all_results[prob].items():
-                if rows:
-                    ax.plot([r[xkey] for r in rows], [r[key] for r in rows], marker=".", label=method)
+                finite = [r for r in rows if math.isfinite(r[key])]  # a diverged run's last points are left out
+                if finite:
+                    ax.plot([r[xkey] for r in finite], [r[key] for r in finite], marker=".", label=method)
             if key in ("F_gap", "rel_dist"):
                 ax.set_yscale("log")
             ax.set_xlabel("wall time (s)" if xkey == "time" else "oracle calls")
@@ -189,6 +192,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", default="quadratic,hypercleaning", help="comma-separated: quadratic, hypercleaning")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--settings", default="tuned,defaults", help="tuned, defaults or both (comma-separated)")
     parser.add_argument("--quad-seconds", type=float, default=8.0, help="wall-time budget per method, quadratic")
     parser.add_argument("--hc-seconds", type=float, default=45.0, help="wall-time budget per method, hyper-cleaning")
     parser.add_argument("--points", type=int, default=25, help="evaluations per run")
@@ -212,18 +216,19 @@ def main() -> None:
             print(f"\n{name}: skipped ({e})")
             continue
         budget = args.quad_seconds if name == "quadratic" else args.hc_seconds
-        for method in methods:  # untimed warm-up: first calls into torch.func pay a one-off set-up of seconds
+        runs = [(method if kind == "tuned" else f"{method} (defaults)", method,
+                 SETTINGS[name][method] if kind == "tuned" else {})
+                for kind in args.settings.split(",") for method in methods]
+        for _, method, options in runs:  # untimed warm-up: first calls into torch.func pay a one-off set-up of seconds
             try:
-                bilevel.solve(problem, method, maxiter=2, seed=args.seed, **SETTINGS[name][method])
+                bilevel.solve(problem, method, maxiter=2, seed=args.seed, **options)
             except bilevel.BilevelError:
                 pass
         results = {}
-        for method in methods:
-            options = SETTINGS[name][method]
-            rows, note = run_method(problem, measure, method, options, budget, args.points, args.seed)
-            results[method] = (rows, note)
-        for method in methods:
-            print(f"  {name}/{method}: {SETTINGS[name][method]}")
+        for label, method, options in runs:
+            results[label] = run_method(problem, measure, method, options, budget, args.points, args.seed)
+        for label, _, options in runs:
+            print(f"  {name}/{label}: {options or 'default settings'}")
         print_table(name, results, list(keys), targets[name])
         all_results[name] = results
         labels[name] = keys
