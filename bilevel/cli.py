@@ -29,6 +29,7 @@ import torch
 
 from bilevel.callbacks import ProgressBar, StepInfo
 from bilevel.errors import BilevelError
+from bilevel.options import describe
 from bilevel.problems import PROBLEMS, DatasetUnavailable, make_problem, problem_options, suggested_options
 from bilevel.registry import available_methods, solver_class, solver_options
 from bilevel.solve import Result, solve
@@ -385,9 +386,16 @@ def cmd_list(args: argparse.Namespace) -> int:
             return 0
         if args.name in available_methods():
             cls = solver_class(args.name)
+            hints = typing.get_type_hints(cls, include_extras=True)
             print(f"method {args.name}: {_summary_line(cls)}")
             for key, value in solver_options(args.name).items():
-                print(f"  --option {key}={_show(value)}")
+                setting = f"{key}={_show(value)}"
+                print(f"  --option {setting:<32} {describe(hints[key]) if key in hints else ''}")
+            for problem in sorted(PROBLEMS):
+                suggested = suggested_options(problem, args.name)
+                if suggested:
+                    print(f"  suggested on {problem}: " + " ".join(f"-o {k}={v}" for k, v in suggested.items()))
+            print('  "auto" step sizes adapt to the problem (bilevel.steps); defaults need no tuning.')
             return 0
         raise BilevelError(
             f"unknown name {args.name!r}; problems are {', '.join(sorted(PROBLEMS))}; "

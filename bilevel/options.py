@@ -115,7 +115,8 @@ def describe(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(describe(arm) for arm in typing.get_args(hint))
     if origin is Literal:
-        return "one of " + ", ".join(repr(c) for c in typing.get_args(hint))
+        choices = typing.get_args(hint)
+        return repr(choices[0]) if len(choices) == 1 else "one of " + ", ".join(repr(c) for c in choices)
     if hint is type(None) or hint is None:
         return "None"
     if hint is bool:

@@ -32,7 +32,9 @@ def main() -> None:
     parser.add_argument("--outer-lr", type=float, default=3e-3)
     parser.add_argument("--imaml-lam", type=float, default=5.0, help="iMAML's proximal strength λ")
     parser.add_argument("--methods", default="maml,fomaml,imaml,pretrained")
-    parser.add_argument("--time-limit", type=float, default=25.0, help="seconds per method at most")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds per method at most (off by default: a time limit makes the step count, and so "
+                             "the numbers, depend on the machine)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these tiny ops)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)

@@ -99,7 +99,10 @@ def test_list(capsys):
     text = capsys.readouterr().out
     assert "hypercleaning_small" in text and "unrolled" in text
     assert main(["list", "cg"]) == 0
-    assert "--option cg_maxiter=20" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "--option cg_maxiter=20" in text and "an integer >= 0" in text
+    assert "--option inner_lr=auto" in text and "a finite number > 0 or 'auto'" in text
+    assert "suggested on quadratic: -o inner_lr=1.0" in text  # what `bilevel list PROBLEM` shows, per method here
     assert main(["list", "hypercleaning"]) == 0
     assert "--problem-option p=0.5" in capsys.readouterr().out
 
