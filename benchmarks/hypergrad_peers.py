@@ -74,6 +74,7 @@ from torch import Tensor, nn
 
 import bilevel
 from bilevel import oracles, tree
+from bilevel.hypergrad import implicit_hypergrad, unrolled_hypergrad
 from bilevel.linsolve import cg, minres, neumann, power_iteration
 from bilevel.optim import sgd
 from bilevel.problem import LONE_KEY
@@ -313,7 +314,7 @@ def mlp_reference(case: Case, *, maxiter: int, rtol: float, dtype: torch.dtype =
     train = (case.train[0].to(dtype), case.train[1])
     val = (case.val[0].to(dtype), case.val[1])
     w = {k: v.to(dtype) for k, v in case.w.items()}
-    hg = bilevel.implicit_hypergrad(problem, lam, w, inner_batch=train, outer_batch=val,
+    hg = implicit_hypergrad(problem, lam, w, inner_batch=train, outer_batch=val,
                                     solve=functools.partial(minres, maxiter=maxiter, rtol=rtol))
     case.reference = torch.cat([hg.hypergrad[k].reshape(-1) for k in case.names]).cpu().double()
     case.reference_note = (f"bilevel implicit_hypergrad + MINRES in {str(dtype)[6:]}, {hg.linsolve.iterations} its, "
@@ -345,7 +346,7 @@ def bilevel_neumann(case: Case, k: int, *, check: bool = True) -> Runner:
     outer, inner = case.bl_outer(), case.bl_inner()
 
     def run() -> list[Tensor]:
-        hg = bilevel.implicit_hypergrad(case.problem, outer, inner, inner_batch=case.train, outer_batch=case.val, solve=solve)
+        hg = implicit_hypergrad(case.problem, outer, inner, inner_batch=case.train, outer_batch=case.val, solve=solve)
         return [hg.hypergrad[case.bl_key[n]] for n in case.names]
 
     return run
@@ -356,7 +357,7 @@ def bilevel_cg(case: Case, k: int, *, check: bool = True) -> Runner:
     outer, inner = case.bl_outer(), case.bl_inner()
 
     def run() -> list[Tensor]:
-        hg = bilevel.implicit_hypergrad(case.problem, outer, inner, inner_batch=case.train, outer_batch=case.val, solve=solve)
+        hg = implicit_hypergrad(case.problem, outer, inner, inner_batch=case.train, outer_batch=case.val, solve=solve)
         return [hg.hypergrad[case.bl_key[n]] for n in case.names]
 
     return run
@@ -373,7 +374,7 @@ def bilevel_cg_mixed(case: Case, k: int) -> Runner:
     low = LOW_PRECISION[case.w[case.names[0]].dtype]
 
     def run() -> list[Tensor]:
-        hg = bilevel.implicit_hypergrad(case.problem, outer, inner, inner_batch=case.train, outer_batch=case.val,
+        hg = implicit_hypergrad(case.problem, outer, inner, inner_batch=case.train, outer_batch=case.val,
                                         solve=solve, hvp_dtype=low)
         return [hg.hypergrad[case.bl_key[n]] for n in case.names]
 
@@ -385,7 +386,7 @@ def bilevel_unrolled(case: Case, k: int) -> Runner:
     opt = sgd(case.alpha)
 
     def run() -> list[Tensor]:
-        hg = bilevel.unrolled_hypergrad(case.problem, outer, inner, inner_batches=[case.train] * k, outer_batch=case.val,
+        hg = unrolled_hypergrad(case.problem, outer, inner, inner_batches=[case.train] * k, outer_batch=case.val,
                                         optimizer=opt)
         return [hg.hypergrad[case.bl_key[n]] for n in case.names]
 

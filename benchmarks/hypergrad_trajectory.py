@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 import bilevel
+from bilevel.hypergrad import implicit_hypergrad
 from bilevel.linsolve import cg
 from bilevel.optim import adam
 from bilevel.precondition import lbfgs_preconditioner, recycle_pairs
@@ -120,7 +121,7 @@ def logreg_trajectory(n: int, steps: int, lr: float, inner_iters: int, seed: int
         w.update({k: v.detach() for k, v in w_var.items()})
         case = dataclasses.replace(base, lam=lam_t, w={k: v.clone() for k, v in w.items()})
         case64 = peers.cast_case(case, torch.float64)
-        hg = bilevel.implicit_hypergrad(case64.problem, case64.bl_outer(), case64.bl_inner(), inner_batch=case64.train,
+        hg = implicit_hypergrad(case64.problem, case64.bl_outer(), case64.bl_inner(), inner_batch=case64.train,
                                         outer_batch=case64.val, solve=functools.partial(cg, maxiter=5000, rtol=1e-10))
         case.reference = case64.flat_bl(hg.hypergrad).cpu()
         return case
@@ -146,7 +147,7 @@ def bilevel_runner(warm: bool, precondition: bool) -> Callable[[peers.Case, int,
             if precondition:
                 extra = {"record_pairs": PAIRS, "preconditioner": lbfgs_preconditioner(pairs, memory=PAIRS)}
             solve = functools.partial(cg, maxiter=k, rtol=0.0, **extra)
-            hg = bilevel.implicit_hypergrad(case.problem, outer, inner, inner_batch=case.train, outer_batch=case.val,
+            hg = implicit_hypergrad(case.problem, outer, inner, inner_batch=case.train, outer_batch=case.val,
                                             solve=solve, x0=x0)
             kept = recycle_pairs(pairs, hg.linsolve.pairs, memory=PAIRS)
             return [hg.hypergrad[case.bl_key[n]] for n in case.names], {"x": hg.linsolve.x, "pairs": kept}

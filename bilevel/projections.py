@@ -2,7 +2,7 @@ r"""Euclidean projections onto simple convex sets, in closed form, to pass as ``
 inner_projection=..., joint_projection=...)``.
 
 Each constructor returns a callable ``proj(v) -> v`` that takes what the problem's losses receive — a tensor or a
-dict of tensors (a :class:`bilevel.ModuleView` counts as a dict of its parameters) — and returns the same form.
+dict of tensors (a :class:`bilevel.functional.ModuleView` counts as a dict of its parameters) — and returns the same form.
 A dict is treated as ONE vector: its tensors concatenated in key order (what matters for the affine sets).
 
 .. math::

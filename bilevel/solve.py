@@ -38,7 +38,7 @@ class Result:
         outer / inner: the solution in the form the problem was given (a tensor or a dict of tensors; a dict of
             parameters for a module — see :meth:`inner_module`).
         outer_params / inner_params / buffers: the same as dicts of tensors.
-        history: per-step scalars (:class:`bilevel.History`).
+        history: per-step scalars (:class:`bilevel.history.History`).
         method: the solver's name; ``solver`` its settings; ``state`` its final state (to resume).
         n_steps: outer steps taken; ``wall_time`` seconds in total; ``stop_reason`` why the loop ended.
         oracle_calls: oracle calls by kind over the run.

@@ -14,7 +14,7 @@ Batch = Any
 """Whatever the user's loss takes as data: a tensor, a tuple of tensors, a dict, ..."""
 
 LossFn = Callable[[Mapping[str, Tensor], Any, Batch], Tensor]
-"""``loss(outer, inner, batch) -> scalar``; ``inner`` is a dict of tensors or a :class:`bilevel.ModuleView`."""
+"""``loss(outer, inner, batch) -> scalar``; ``inner`` is a dict of tensors or a :class:`bilevel.functional.ModuleView`."""
 
 MatVec = Callable[[Params], Params]
 """A linear map ``v -> A v`` on ``Params`` (e.g. a Hessian-vector product)."""

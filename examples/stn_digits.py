@@ -80,13 +80,13 @@ def stn_problem(splits: Splits, hidden: int) -> tuple[bilevel.Problem, HyperSpac
     ])
     net = StnMLP(splits.train.x.shape[1], hidden, 10, space.n_features)
 
-    def inner_loss(hp: dict[str, Tensor], net: bilevel.ModuleView, batch: tuple[Tensor, Tensor]) -> Tensor:
+    def inner_loss(hp: dict[str, Tensor], net: bilevel.functional.ModuleView, batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
         h, feats = space.constrained(hp), space.features(hp)
         logits = net(x, feats, h["drop_in"], h["drop_hidden"])
         return F.cross_entropy(logits, y) + 0.5 * (h["weight_decay"] * weight_sq_norm(net, feats)).mean()
 
-    def outer_loss(hp: dict[str, Tensor], net: bilevel.ModuleView, batch: tuple[Tensor, Tensor]) -> Tensor:
+    def outer_loss(hp: dict[str, Tensor], net: bilevel.functional.ModuleView, batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch  # eval mode: no dropout; λ reaches L_V only through the best response ŵ_φ(λ)
         h = space.constrained(hp)
         return F.cross_entropy(net(x, space.features(hp), h["drop_in"], h["drop_hidden"]), y)

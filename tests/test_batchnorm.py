@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bilevel import Problem, exact, implicit_hypergrad, unrolled_hypergrad
+from bilevel import Problem
+from bilevel.hypergrad import implicit_hypergrad, unrolled_hypergrad
+from bilevel.linsolve import exact
 from bilevel.optim import sgd
 
 EPS, MOMENTUM = 1e-5, 0.1

@@ -15,8 +15,9 @@ import torch
 from test_hypergrad import rel_err
 
 import bilevel
-from bilevel import cg, implicit_hypergrad, lbfgs_preconditioner
-from bilevel.precondition import recycle_pairs
+from bilevel.hypergrad import implicit_hypergrad
+from bilevel.linsolve import cg
+from bilevel.precondition import lbfgs_preconditioner, recycle_pairs
 from bilevel.problems.ridge import ridge_data, ridge_problem, ridge_solution
 
 

@@ -50,6 +50,7 @@ from torch import nn
 
 import bilevel
 from bilevel import BilevelError, Problem
+from bilevel.hypergrad import implicit_hypergrad
 from bilevel.linsolve import neumann
 from bilevel.meta import TaskBatch, per_task
 from bilevel.optim import OPTIMIZERS
@@ -171,7 +172,7 @@ def params_of(x: Any) -> dict[str, torch.Tensor]:
     """A projection's or constraint's argument as a dict: a tensor, a dict or a ModuleView."""
     if isinstance(x, torch.Tensor):
         return {"value": x}
-    return dict(x.params) if isinstance(x, bilevel.ModuleView) else dict(x)
+    return dict(x.params) if isinstance(x, bilevel.functional.ModuleView) else dict(x)
 
 
 def like(x: Any, new: dict[str, torch.Tensor]) -> Any:
@@ -345,11 +346,11 @@ def nonfinite(out: Any) -> str | None:
         losses = out.history.get("outer_loss", [])
         if not all(math.isfinite(x) for x in losses):
             return f"history['outer_loss'] not finite: {losses}"
-    elif isinstance(out, bilevel.HypergradCheck):
+    elif isinstance(out, bilevel.check.HypergradCheck):
         values = [*out.analytic, *out.numeric, out.rel_error]
         if not all(math.isfinite(x) for x in values) or nonfinite(out.hypergrad):
             return f"HypergradCheck not finite: {out}"
-    elif isinstance(out, bilevel.Hypergradient):
+    elif isinstance(out, bilevel.hypergrad.Hypergradient):
         return nonfinite(out.hypergrad)
     elif isinstance(out, dict):
         bad = [k for k, v in out.items() if not bool(torch.isfinite(v).all())]
@@ -795,7 +796,7 @@ def test_neumann_divergence(ratio, h_max, terms, entry, lam0, gap):
         def call() -> Any:
             p = problem()
             solver = functools.partial(neumann, alpha=alpha, maxiter=terms)
-            return bilevel.implicit_hypergrad(p, p.outer_init, p.inner_init, inner_batch=None, outer_batch=None, solve=solver)
+            return implicit_hypergrad(p, p.outer_init, p.inner_init, inner_batch=None, outer_batch=None, solve=solver)
 
         expect = close_to(closed, lambda out: next(iter(out.hypergrad.values())))  # the lone tensor's entry
     else:  # one SGD step of size 1 from w* = λ: hypergradient = λ0 − λ1

@@ -5,8 +5,10 @@ import functools
 import pytest
 import torch
 
-from bilevel import cg, exact, implicit_hypergrad, neumann, tree, unrolled_hypergrad
+from bilevel import tree
+from bilevel.hypergrad import implicit_hypergrad, unrolled_hypergrad
 from bilevel.inner import solve_inner
+from bilevel.linsolve import cg, exact, neumann
 from bilevel.optim import sgd
 from bilevel.oracles import Linearization, hvp, jvp_inner, mixed_vjp
 from bilevel.problem import Problem

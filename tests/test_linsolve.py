@@ -7,7 +7,8 @@ import re
 import pytest
 import torch
 
-from bilevel import BilevelError, NeumannDivergenceError, cg, exact, neumann, tree
+from bilevel import BilevelError, tree
+from bilevel.linsolve import NeumannDivergenceError, cg, exact, neumann
 
 
 def symmetric_system(eig: torch.Tensor, *, u_shape: tuple[int, ...], dtype: torch.dtype = torch.float64,

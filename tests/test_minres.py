@@ -13,7 +13,9 @@ from test_hypergrad import rel_err, ridge_setup
 from test_linsolve import spd_system, symmetric_system
 
 import bilevel
-from bilevel import BilevelError, cg, exact, implicit_hypergrad, minres, tree
+from bilevel import BilevelError, tree
+from bilevel.hypergrad import implicit_hypergrad
+from bilevel.linsolve import cg, exact, minres
 from bilevel.problems.ridge import ridge_hypergrad
 
 

@@ -75,7 +75,7 @@ OPTIMIZERS = {
 def test_unrolled_matches_higher_mlp(name):
     problem, module, lam, train, val = _mlp_case()
     ours_opt, torch_opt = OPTIMIZERS[name]
-    hg = bilevel.unrolled_hypergrad(problem, lam, problem.inner_init, inner_batches=[train] * K, outer_batch=val,
+    hg = bilevel.hypergrad.unrolled_hypergrad(problem, lam, problem.inner_init, inner_batches=[train] * K, outer_batch=val,
                                     optimizer=ours_opt())
     names = list(lam)
     lam_list = [lam[k] for k in names]
@@ -111,7 +111,7 @@ def test_unrolled_matches_higher_ridge(name):
     w0 = 0.1 * torch.arange(6, dtype=torch.float64)
     lr = 0.01  # below 2/λ_max(X_tᵀX_t + diag e^λ) for this data
     momentum = {"sgd": 0.0, "sgd-momentum": 0.9}[name]
-    hg = bilevel.unrolled_hypergrad(problem, {"value": lam}, {"value": w0}, inner_batches=[train] * K, outer_batch=val,
+    hg = bilevel.hypergrad.unrolled_hypergrad(problem, {"value": lam}, {"value": w0}, inner_batches=[train] * K, outer_batch=val,
                                     optimizer=sgd(lr, momentum=momentum))
     module = _Ridge(w0)
     x, y = train

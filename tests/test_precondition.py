@@ -15,9 +15,11 @@ from test_hypergrad import rel_err, ridge_setup
 from test_linsolve import spd_system, symmetric_system
 
 import bilevel
-from bilevel import BilevelError, cg, implicit_hypergrad, lbfgs_preconditioner, precondition, tree
+from bilevel import BilevelError, precondition, tree
 from bilevel.data import DataStreams
-from bilevel.precondition import CurvaturePairs, LBFGSPreconditioner, recycle_pairs
+from bilevel.hypergrad import implicit_hypergrad
+from bilevel.linsolve import cg
+from bilevel.precondition import CurvaturePairs, LBFGSPreconditioner, lbfgs_preconditioner, recycle_pairs
 from bilevel.problems.ridge import ridge_hypergrad
 from bilevel.registry import make_solver
 

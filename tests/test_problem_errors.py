@@ -64,7 +64,7 @@ def test_nan_during_solve_names_the_step():
 def test_diverging_neumann_suggests_step_size():
     train, val = ridge_data(dim=4)
     problem = ridge_problem(train, val)
-    with pytest.raises(bilevel.NeumannDivergenceError, match=r"neumann_alpha=[0-9.]+ \(≈1/L\)"):
+    with pytest.raises(bilevel.linsolve.NeumannDivergenceError, match=r"neumann_alpha=[0-9.]+ \(≈1/L\)"):
         bilevel.solve(problem, "ift", maxiter=1, inner_lr=1e-3, neumann_alpha=0.2, neumann_terms=50)
 
 

@@ -48,8 +48,8 @@ def test_quadratic_closed_form_hypergrad_matches_implicit(quad, rule):
     for _ in range(3):
         lam = torch.randn(quad.outer_dim, generator=gen, dtype=torch.float64)
         w = quad.inner_solution(lam)
-        solve = bilevel.exact if rule == "exact" else functools.partial(bilevel.cg, rtol=1e-13, maxiter=500)
-        hg = bilevel.implicit_hypergrad(problem, {"value": lam}, {"value": w}, inner_batch=problem.inner_data,
+        solve = bilevel.linsolve.exact if rule == "exact" else functools.partial(bilevel.linsolve.cg, rtol=1e-13, maxiter=500)
+        hg = bilevel.hypergrad.implicit_hypergrad(problem, {"value": lam}, {"value": w}, inner_batch=problem.inner_data,
                                         outer_batch=problem.outer_data, solve=solve)
         torch.testing.assert_close(hg.hypergrad["value"], quad.hypergrad(lam), rtol=1e-6, atol=1e-9)
 
@@ -65,8 +65,8 @@ def test_quadratic_closed_form_hypergrad_matches_finite_differences(quad):
 def test_quadratic_optimum_is_stationary_for_bilevel_and_approached_by_cg(quad):
     problem, evaluate = quadratic_problem(quad)
     lam_star, f_star = quad.optimum()
-    hg = bilevel.implicit_hypergrad(problem, {"value": lam_star}, {"value": quad.inner_solution(lam_star)},
-                                    inner_batch=problem.inner_data, outer_batch=problem.outer_data, solve=bilevel.exact)
+    hg = bilevel.hypergrad.implicit_hypergrad(problem, {"value": lam_star}, {"value": quad.inner_solution(lam_star)},
+                                    inner_batch=problem.inner_data, outer_batch=problem.outer_data, solve=bilevel.linsolve.exact)
     scale = float(torch.linalg.vector_norm(quad.hypergrad(torch.zeros_like(lam_star))))
     assert float(torch.linalg.vector_norm(hg.hypergrad["value"])) < 1e-10 * scale  # ∇F(λ*) = 0 by bilevel's own rule
     gen = torch.Generator().manual_seed(4)

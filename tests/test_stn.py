@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import bilevel
-from bilevel import BilevelError, ModuleView, Problem, solve
+from bilevel import BilevelError, Problem, solve
 from bilevel.data import DataStreams
-from bilevel.functional import split_module
+from bilevel.functional import ModuleView, split_module
 from bilevel.problems.ridge import ridge_data, ridge_solution
 from bilevel.solvers.stn import STN
 from bilevel.stn import HyperParam, HyperSpace, StnConv2d, StnLinear, dropout, weight_sq_norm

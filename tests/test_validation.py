@@ -355,7 +355,7 @@ def diagonal(scales=(1.0, 0.05)) -> bilevel.Problem:
 def test_mildly_diverging_neumann_is_refused():
     """α·λ_max = 3.1: each term grows 2.1× along e_1; b = ∂_w L_V is mostly along e_2 at the start, so the norm of
     the last term stays below 100× ‖b‖ (the old check) and the series returned a wrong hypergradient."""
-    with pytest.raises(bilevel.NeumannDivergenceError, match=r"ift: the Neumann series would diverge: alpha=3.1 exceeds "
+    with pytest.raises(bilevel.linsolve.NeumannDivergenceError, match=r"ift: the Neumann series would diverge: alpha=3.1 exceeds "
                                                              r"2/L≈2 \(L≈1 by power iteration\)"):
         bilevel.solve(diagonal(), "ift", maxiter=2, neumann_alpha=3.1, inner_lr=1.0, inner_steps=30)
     # the standalone series refuses any growth of ‖(I − αA)^K b‖ beyond ‖b‖
@@ -363,9 +363,9 @@ def test_mildly_diverging_neumann_is_refused():
 
     a = torch.tensor([1.0, 0.05], dtype=F64)
     b = {"value": torch.tensor([0.05, 1.0], dtype=F64)}
-    with pytest.raises(bilevel.NeumannDivergenceError, match=r"the series would diverge: alpha=3.1 exceeds 2/L≈2"):
+    with pytest.raises(bilevel.linsolve.NeumannDivergenceError, match=r"the series would diverge: alpha=3.1 exceeds 2/L≈2"):
         neumann(lambda v: {"value": a * v["value"]}, b, alpha=3.1, maxiter=5)  # α checked by power iteration
-    with pytest.raises(bilevel.NeumannDivergenceError, match="series diverged"):  # the growth, with a wrong L given
+    with pytest.raises(bilevel.linsolve.NeumannDivergenceError, match="series diverged"):  # the growth, with a wrong L given
         neumann(lambda v: {"value": a * v["value"]}, b, alpha=3.1, maxiter=5, lipschitz=0.5)
     ok = neumann(lambda v: {"value": a * v["value"]}, b, alpha=1.0, maxiter=5)  # α·λ_max = 1 converges: no error
     assert float(ok.residual) < 1.0

@@ -88,7 +88,7 @@ class IFT(Options):
     α = ``inner_lr`` (the series then equals unrolling k SGD steps from the optimum); α must be below 2/λ_max(H),
     which the first estimate checks. ``hvp_dtype`` (CG only, e.g. "bfloat16" for a float32 problem) runs CG's
     Hessian-vector products in a lower precision with reliable residual updates in the working one (see
-    :func:`bilevel.implicit_hypergrad`). ``cg_preconditioner="lbfgs"`` preconditions each CG solve with the L-BFGS
+    :func:`bilevel.hypergrad.implicit_hypergrad`). ``cg_preconditioner="lbfgs"`` preconditions each CG solve with the L-BFGS
     matrix of the latest ``cg_preconditioner_memory`` curvature pairs the previous solves met (Morales & Nocedal,
     2000; :mod:`bilevel.precondition`): no extra Hessian-vector products; with m = ``cg_preconditioner_memory`` it
     holds 2m vectors of the inner size between outer steps and, at the peak of a step, 4m + 1 more than plain CG

@@ -28,7 +28,7 @@ SGD 0.01 with momentum 0.9 for φ, Adam 3e-3 for (λ, ρ), σ₀ = 0.5, τ = 10�
 Writing the problem: ``outer`` = the unconstrained hyperparameters (a ``HyperSpace``, or any dict/tensor);
 ``inner`` = the STN module; both losses get ``(outer, net, batch)`` where ``outer[name]`` has shape ``(batch,)``
 (per-example perturbation, ``per_example=True``) or the variable's own shape, and ``net`` is a
-:class:`bilevel.ModuleView` called with the extra features argument::
+:class:`bilevel.functional.ModuleView` called with the extra features argument::
 
     space = HyperSpace([HyperParam("dropout", "logit", 0.1, high=0.9), HyperParam("wd", "softplus", 1e-4)])
 

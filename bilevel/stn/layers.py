@@ -223,7 +223,7 @@ def weight_sq_norm(net: nn.Module | Any, hparams: Tensor) -> Tensor:
         \|sW_e + g\odot W_h\|^2 = s^2\|W_e\|^2 + 2s\sum_o g_o\langle W_{e,o}, W_{h,o}\rangle + \sum_o g_o^2\|W_{h,o}\|^2,
         \quad g = (Vf)_{:out},
 
-    computed without forming per-example weights. ``net`` is the :class:`bilevel.ModuleView` a loss receives (or a
+    computed without forming per-example weights. ``net`` is the :class:`bilevel.functional.ModuleView` a loss receives (or a
     plain module); ``hparams`` the features, ``(H,)`` or ``(batch, H)``; the result is ``()`` or ``(batch,)``. This
     is the weight-decay penalty of a self-tuning model: ``L_T = CE + ½·mean_b(wd_b · weight_sq_norm(net, f)_b)``.
     """
