@@ -1,10 +1,17 @@
 r"""Every derivative a solver needs, computed here and nowhere else.
 
-Two families:
+Two layers:
 
-* pure functions built on ``torch.func`` (``grad``, ``jvp``, ``vjp``): ``grad_inner``, ``grad_outer``, ``hvp``,
-  ``mixed_vjp``, ``constraint_vjp``, ``jvp_inner``. They compose with ``vmap`` (over tasks, right-hand sides or
-  perturbations) and with each other.
+* **function-level oracles** of a plain ``fn(outer, inner) -> scalar`` on dicts of tensors: :func:`value_and_grad`,
+  :func:`hvp_of`, :func:`mixed_vjp_of`, :func:`jvp_of`, :func:`linearize`, :func:`unused_outer` and
+  :class:`Linearization` (``Linearization.of(fn, ...)``) — what an implicit-function rule for any solver
+  (``custom_root``) or a replayed training run needs, with no :class:`~bilevel.Problem` in sight;
+* the **Problem oracles**, thin wrappers that bind the problem's losses to a batch and buffers and count the call
+  by kind: ``grad_inner``, ``value_and_grad_inner``, ``grad_inner_wrt_outer``, ``grad_inner_both``, ``grad_outer``,
+  ``hvp``, ``mixed_vjp``, ``jvp_inner``, ``linearize_grad_inner``, ``constraint_vjp``, ``inner_uses_outer``.
+
+Outside ``torch.func`` transforms the first-order oracles use plain reverse mode (less overhead); inside, the
+``torch.func`` path, so every oracle composes with ``vmap`` (over tasks, right-hand sides or perturbations).
 * :class:`Linearization`: the graph of ``∇_w L_T`` at one point built once, then Hessian-vector products and
   mixed VJPs as backward passes over the retained graph. Repeated products at a fixed point (Neumann, CG) are
   several times cheaper this way than ``jvp(grad(.))`` (both timed side by side by the profile of
@@ -59,11 +66,18 @@ def _tick(kind: str, n: int = 1) -> None:
 # under vmap/grad/jvp (meta-learning over tasks) the torch.func path is taken, which composes with them.
 
 
-def _value_and_grads(
-    fn: Callable[[Params, Params], Tensor], outer: Params, inner: Params, wrt_outer: bool, wrt_inner: bool,
-    name: str = "inner_loss",
+Objective = Callable[[Params, Params], Tensor]
+"""``fn(outer, inner) -> scalar``: a loss with its data bound, e.g. ``lambda lam, w: problem.inner_objective(lam, w,
+batch)``."""
+
+
+# ----- function-level oracles -----------------------------------------------------------------------------------
+def value_and_grad(
+    fn: Objective, outer: Params, inner: Params, *, wrt_outer: bool = False, wrt_inner: bool = True,
+    name: str = "the function",
 ) -> tuple[Tensor, Params, Params]:
-    """(fn(λ, w), ∇_λ fn or {}, ∇_w fn or {}) by one reverse pass; zeros for unused entries."""
+    """(fn(λ, w), ∇_λ fn or {}, ∇_w fn or {}) by one reverse pass; zeros for unused entries. ``name``: what errors
+    call ``fn`` (a value with no graph to w is an error when ``wrt_inner``)."""
     if in_transform():
         argnums = tuple(i for i, on in ((0, wrt_outer), (1, wrt_inner)) if on)
         grads, value = grad_and_value(fn, argnums=argnums)(outer, inner)
@@ -85,6 +99,55 @@ def _value_and_grads(
     return value.detach(), g_outer, g_inner
 
 
+def hvp_of(fn: Objective, outer: Params, inner: Params, v: Params) -> Params:
+    r"""∇²_ww fn(λ, w) v by forward-over-reverse (``jvp`` of ``grad``); ``vmap`` over ``v`` batches it."""
+    return jvp(grad(lambda w: fn(outer, w)), (inner,), (v,))[1]
+
+
+def mixed_vjp_of(fn: Objective, outer: Params, inner: Params, v: Params) -> Params:
+    r"""(∂²_{wλ} fn)ᵀ v = ∇_λ ⟨∇_w fn(λ, w), v⟩ (one VJP of ∇_w fn with respect to λ)."""
+    _, pullback = vjp(lambda lam: grad(lambda w: fn(lam, w))(inner), outer)
+    return pullback(v)[0]
+
+
+def jvp_of(fn: Objective, outer: Params, inner: Params, v: Params) -> tuple[Tensor, Tensor]:
+    r"""(fn(λ, w), ⟨∇_w fn, v⟩) by one forward-mode pass."""
+    return jvp(lambda w: fn(outer, w), (inner,), (v,))
+
+
+def linearize(fn: Objective, outer: Params, inner: Params) -> tuple[Params, Callable[[Params], tuple[Params, Params]]]:
+    r"""(∇_w fn(λ, w), v ↦ ((∂²_{wλ} fn)ᵀ v, ∇²_ww fn v)): the gradient and its pullback, built once.
+
+    One forward and backward pass computes ∇_w fn and keeps its graph inside a ``vjp`` closure; each call of the
+    returned pullback is one backward pass over that graph (double backward) giving the mixed product and the
+    Hessian-vector product together, and may be repeated. The pure ``torch.func`` counterpart of
+    :class:`Linearization`: it composes with ``vmap`` (over tasks), where the retained graph does not.
+    """
+    g, pullback = vjp(lambda lam, w: grad(lambda w_: fn(lam, w_))(w), outer, inner)
+    return g, lambda v: pullback(v)
+
+
+def unused_outer(fn: Objective, outer: Params, inner: Params) -> list[str]:
+    r"""The outer variables that do not reach fn(λ, w) at all (structurally, in the autograd graph): those whose
+    ∂²_{wλ} fn vanishes identically. One forward and backward pass."""
+    lam = {k: v.detach().requires_grad_(True) for k, v in outer.items()}
+    with torch.enable_grad():
+        value = fn(lam, {k: v.detach() for k, v in inner.items()})
+        if not value.requires_grad:
+            return list(lam)
+        grads = torch.autograd.grad(value, list(lam.values()), allow_unused=True)
+    return [k for k, g in zip(lam, grads) if g is None]
+
+
+def _inner_fn(problem: Problem, batch: Batch, buffers: Params | None) -> Objective:
+    return lambda lam, w: problem.inner_objective(lam, w, batch, buffers)
+
+
+def _outer_fn(problem: Problem, batch: Batch, buffers: Params | None) -> Objective:
+    return lambda lam, w: problem.outer_objective(lam, w, batch, buffers)
+
+
+# ----- Problem oracles (counted) ------------------------------------------------------------------------------------
 def require_graph(value: Tensor, name: str) -> None:
     """A loss differentiated for the inner variables must depend on them (carry an autograd graph)."""
     if not value.requires_grad:
@@ -98,7 +161,7 @@ def require_graph(value: Tensor, name: str) -> None:
 def grad_inner(problem: Problem, outer: Params, inner: Params, batch: Batch, buffers: Params | None = None) -> Params:
     r"""∇_w L_T(λ, w; batch)."""
     _tick("grad_inner")
-    return _value_and_grads(lambda lam, w: problem.inner_objective(lam, w, batch, buffers), outer, inner, False, True)[2]
+    return value_and_grad(_inner_fn(problem, batch, buffers), outer, inner, name="inner_loss")[2]
 
 
 def value_and_grad_inner(
@@ -121,7 +184,7 @@ def value_and_grad_inner(
         new_buffers.append(updated)
         return loss
 
-    loss, _, g = _value_and_grads(f, outer, inner, False, True)
+    loss, _, g = value_and_grad(f, outer, inner, name="inner_loss")
     return loss.detach(), g, new_buffers[-1]
 
 
@@ -130,7 +193,7 @@ def grad_inner_wrt_outer(
 ) -> Params:
     r"""∇_λ L_T(λ, w; batch) (F2SA's ∇_x g)."""
     _tick("grad_inner_outer")
-    return _value_and_grads(lambda lam, w: problem.inner_objective(lam, w, batch, buffers), outer, inner, True, False)[1]
+    return value_and_grad(_inner_fn(problem, batch, buffers), outer, inner, wrt_outer=True, wrt_inner=False)[1]
 
 
 def grad_inner_both(
@@ -138,7 +201,7 @@ def grad_inner_both(
 ) -> tuple[Tensor, Params, Params]:
     r"""(L_T, ∇_λ L_T, ∇_w L_T) from one backward pass."""
     _tick("grad_inner")
-    return _value_and_grads(lambda lam, w: problem.inner_objective(lam, w, batch, buffers), outer, inner, True, True)
+    return value_and_grad(_inner_fn(problem, batch, buffers), outer, inner, wrt_outer=True, name="inner_loss")
 
 
 def grad_outer(
@@ -146,16 +209,14 @@ def grad_outer(
 ) -> tuple[Tensor, Params, Params]:
     r"""(L_V, ∂_λ L_V, ∂_w L_V) from one backward pass."""
     _tick("grad_outer")
-    return _value_and_grads(lambda lam, w: problem.outer_objective(lam, w, batch, buffers), outer, inner, True, True,
-                            "outer_loss")
+    return value_and_grad(_outer_fn(problem, batch, buffers), outer, inner, wrt_outer=True, name="outer_loss")
 
 
 # ----- second order, pure -------------------------------------------------------------------------------
 def hvp(problem: Problem, outer: Params, inner: Params, batch: Batch, v: Params, buffers: Params | None = None) -> Params:
     r"""∇²_ww L_T(λ, w) v by forward-over-reverse (``jvp`` of ``grad``); ``vmap`` over ``v`` batches it."""
     _tick("hvp")
-    g = grad(lambda w: problem.inner_objective(outer, w, batch, buffers))
-    return jvp(g, (inner,), (v,))[1]
+    return hvp_of(_inner_fn(problem, batch, buffers), outer, inner, v)
 
 
 def mixed_vjp(
@@ -163,8 +224,7 @@ def mixed_vjp(
 ) -> Params:
     r"""(∂²_{wλ} L_T)ᵀ v = ∇_λ ⟨∇_w L_T(λ, w), v⟩ (one VJP of ∇_w L_T with respect to λ)."""
     _tick("mixed_vjp")
-    _, pullback = vjp(lambda lam: grad(lambda w: problem.inner_objective(lam, w, batch, buffers))(inner), outer)
-    return pullback(v)[0]
+    return mixed_vjp_of(_inner_fn(problem, batch, buffers), outer, inner, v)
 
 
 def jvp_inner(
@@ -172,7 +232,7 @@ def jvp_inner(
 ) -> tuple[Tensor, Tensor]:
     r"""(L_T, ⟨∇_w L_T, v⟩) by one forward-mode pass."""
     _tick("jvp")
-    return jvp(lambda w: problem.inner_objective(outer, w, batch, buffers), (inner,), (v,))
+    return jvp_of(_inner_fn(problem, batch, buffers), outer, inner, v)
 
 
 def constraint_vjp(
@@ -195,21 +255,14 @@ def constraint_vjp(
 def linearize_grad_inner(
     problem: Problem, outer: Params, inner: Params, batch: Batch, buffers: Params | None = None
 ) -> tuple[Params, Callable[[Params], tuple[Params, Params]]]:
-    r"""(∇_w L_T(λ, w), v ↦ ((∂²_{wλ} L_T)ᵀ v, ∇²_ww L_T v)): the gradient and its pullback, built once.
-
-    The pure ``torch.func`` counterpart of :class:`Linearization`: one forward and backward pass computes
-    ∇_w L_T and keeps its graph inside a ``vjp`` closure; each call of the returned pullback is one backward pass
-    over that graph (double backward) giving the mixed product and the Hessian-vector product together, and may be
-    repeated (CG on one point, or the reverse sweep of an unrolled inner loop). It composes with ``vmap`` (over
-    tasks), where the retained-graph :class:`Linearization` does not; the mixed product is zero when L_T ignores λ.
-    """
+    r"""(∇_w L_T(λ, w), v ↦ ((∂²_{wλ} L_T)ᵀ v, ∇²_ww L_T v)): :func:`linearize` of the inner loss, each product
+    counted as one HVP (used by MAML/iMAML under ``vmap``; the mixed product is zero when L_T ignores λ)."""
     _tick("grad_inner")
-    g, pullback = vjp(lambda lam, w: grad(lambda w_: problem.inner_objective(lam, w_, batch, buffers))(w), outer, inner)
+    g, pullback = linearize(_inner_fn(problem, batch, buffers), outer, inner)
 
     def products(v: Params) -> tuple[Params, Params]:
         _tick("hvp")
-        mixed, hv = pullback(v)
-        return mixed, hv
+        return pullback(v)
 
     return g, products
 
@@ -223,16 +276,10 @@ def projection_vjp(problem: Problem, inner: Params) -> tuple[Params, Callable[[P
 
 
 def inner_uses_outer(problem: Problem, outer: Params, inner: Params, batch: Batch, buffers: Params | None = None) -> bool:
-    r"""Whether λ reaches L_T(λ, w; batch) at all (structurally, in the autograd graph), i.e. whether ∂²_{wλ} L_T
-    can be non-zero; one forward and backward pass. Lets a method skip mixed products that are known to vanish."""
+    r"""Whether λ reaches L_T(λ, w; batch) at all, i.e. whether ∂²_{wλ} L_T can be non-zero (:func:`unused_outer`).
+    Lets a method skip mixed products that are known to vanish."""
     _tick("grad_inner_outer")
-    lam = {k: v.detach().requires_grad_(True) for k, v in outer.items()}
-    with torch.enable_grad():
-        loss = problem.inner_objective(lam, {k: v.detach() for k, v in inner.items()}, batch, buffers)
-        if not loss.requires_grad:
-            return False
-        grads = torch.autograd.grad(loss, list(lam.values()), allow_unused=True)
-    return any(g is not None for g in grads)
+    return len(unused_outer(_inner_fn(problem, batch, buffers), outer, inner)) < len(outer)
 
 
 # ----- second order, retained graph ---------------------------------------------------------------------
@@ -246,7 +293,7 @@ class Linearization:
     """
 
     def __init__(self, problem: Problem, outer: Params, inner: Params, batch: Batch, buffers: Params | None = None):
-        self._build(lambda lam, w: problem.inner_objective(lam, w, batch, buffers), outer, inner, "inner_loss")
+        self._build(_inner_fn(problem, batch, buffers), outer, inner, "inner_loss")
 
     @classmethod
     def of(cls, fn: Callable[[Params, Params], Tensor], outer: Params, inner: Params, *, name: str = "the function"

@@ -8,13 +8,13 @@ r"""The ``Problem`` type: what to optimize, validated once, exposed as pure func
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from bilevel import projections
 from bilevel.data import BatchStream
 from bilevel.errors import BilevelError
 from bilevel.functional import ModuleView, in_transform, split_module
@@ -98,7 +98,7 @@ class Problem:
         # Validate the streams' types now; solve() makes its own streams.
         BatchStream(self.inner_data, "inner_data")
         BatchStream(self.outer_data, "outer_data")
-        _check_bounds(self.outer_bounds)
+        projections.check_bounds(self.outer_bounds)
 
     # The attributes set in __post_init__, declared for type checkers.
     outer_init: Params = dataclasses.field(init=False, repr=False)
@@ -181,10 +181,7 @@ class Problem:
             _check_same_structure("outer_projection", outer, projected)
             _check_finite_projection("outer_projection", projected, self._outer_lone)
             outer = projected
-        if self.outer_bounds is not None and any(b is not None for b in self.outer_bounds):
-            lo, hi = self.outer_bounds
-            outer = {k: v.clamp(min=lo, max=hi) for k, v in outer.items()}
-        return outer
+        return projections.clamp(outer, self.outer_bounds)
 
     def project_inner(self, inner: Params) -> Params:
         """Proj onto the inner feasible set (identity unless ``inner_projection`` is given)."""
@@ -235,11 +232,12 @@ class Problem:
         outer = {k: v.detach().requires_grad_(True) for k, v in self.outer_init.items()}
         inner = {k: v.detach().requires_grad_(True) for k, v in self.inner_init.items()}
         with torch.enable_grad():
-            lt = _evaluate("inner_loss", "inner_data", self.inner_objective, outer, inner, inner_batch)
+            _evaluate("inner_loss", "inner_data", self.inner_objective, outer, inner, inner_batch)
             _evaluate("outer_loss", "outer_data", self.outer_objective, outer, inner, outer_batch)
             if self.check_dependencies:
-                grads = torch.autograd.grad(lt, list(outer.values()), allow_unused=True)
-                unused = [k for k, g in zip(outer, grads) if g is None]
+                from bilevel.oracles import unused_outer  # the oracle layer builds on this module
+
+                unused = unused_outer(lambda lam, w: self.inner_objective(lam, w, inner_batch), outer, inner)
                 if unused:
                     names = ", ".join(repr(k) for k in unused)
                     raise BilevelError(
@@ -358,22 +356,6 @@ def _user_params(value: Any, lone: bool, like: Params, level: str) -> Params:
             name = f"the {level} tensor" if lone else repr(k)
             raise BilevelError(f"{level}: {name} is {_signature(v)}, but the problem's is {_signature(like[k])}.")
     return {k: v.detach() for k, v in params.items()}
-
-
-def _check_bounds(bounds: Any) -> None:
-    """``outer_bounds``: None or a pair (low, high) of numbers or None, low <= high."""
-    if bounds is None:
-        return
-    ok = isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(
-        b is None or (isinstance(b, (int, float)) and not isinstance(b, bool) and not math.isnan(b)) for b in bounds)
-    if not ok:
-        raise BilevelError(
-            f"Problem: outer_bounds must be None or a pair (low, high) of numbers or None, got {bounds!r}; "
-            "e.g. outer_bounds=(-5.0, 5.0) or (0.0, None)."
-        )
-    lo, hi = bounds
-    if lo is not None and hi is not None and lo > hi:
-        raise BilevelError(f"Problem: outer_bounds low {lo} exceeds high {hi}; pass (low, high) with low <= high.")
 
 
 def _check_same_structure(what: str, before: Params, after: Params) -> None:

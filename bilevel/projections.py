@@ -24,6 +24,7 @@ Any callable with the same contract works: these are conveniences, not a require
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -201,3 +202,28 @@ def product(outer: Projection | None = None, inner: Projection | None = None) ->
         return (outer(o) if outer is not None else o), (inner(i) if inner is not None else i)
 
     return proj
+
+
+# ----- the outer box of Problem(outer_bounds=...) --------------------------------------------------------------
+def check_bounds(bounds: Any) -> None:
+    """``outer_bounds``: None or a pair (low, high) of numbers or None, low <= high."""
+    if bounds is None:
+        return
+    ok = isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(
+        b is None or (isinstance(b, (int, float)) and not isinstance(b, bool) and not math.isnan(b)) for b in bounds)
+    if not ok:
+        raise BilevelError(
+            f"Problem: outer_bounds must be None or a pair (low, high) of numbers or None, got {bounds!r}; "
+            "e.g. outer_bounds=(-5.0, 5.0) or (0.0, None)."
+        )
+    lo, hi = bounds
+    if lo is not None and hi is not None and lo > hi:
+        raise BilevelError(f"Problem: outer_bounds low {lo} exceeds high {hi}; pass (low, high) with low <= high.")
+
+
+def clamp(params: dict[str, Tensor], bounds: tuple[float | None, float | None] | None) -> dict[str, Tensor]:
+    """Every tensor of ``params`` clamped to ``bounds`` = (low, high) (either may be None; None: unchanged)."""
+    if bounds is None or all(b is None for b in bounds):
+        return params
+    low, high = bounds
+    return {k: v.clamp(min=low, max=high) for k, v in params.items()}

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 from bilevel.errors import BilevelError
 from bilevel.problem import OPTIONAL_INPUTS
+from bilevel.protocols import Solver
 
 _SOLVERS: dict[str, type] = {}
 T = TypeVar("T", bound=type)
@@ -41,10 +42,10 @@ def solver_class(name: str) -> type:
     return _SOLVERS[name]
 
 
-def make_solver(method: str | Any, **options: Any) -> Any:
+def make_solver(method: str | Solver, **options: Any) -> Solver:
     """A solver instance from a name and keyword options (or an instance passed through, with no options)."""
     if not isinstance(method, str):
-        if not (callable(getattr(method, "init", None)) and callable(getattr(method, "step", None))) or isinstance(method, type):
+        if not isinstance(method, Solver) or isinstance(method, type):
             raise BilevelError(
                 f"solve: method={method!r} is not valid; expected a method name (one of {', '.join(available_methods())}) "
                 "or a solver instance with init(problem) and step(problem, state, data), e.g. bilevel.solvers.CG()."

@@ -127,3 +127,34 @@ def test_parameters_unused_by_a_loss_get_zero_gradients():
     hg = implicit_hypergrad(problem, lam, w, inner_batch=train, outer_batch=val, solve=exact)
     torch.testing.assert_close(hg.hypergrad["value"], ridge_hypergrad(train, val, lam["value"]), rtol=1e-6, atol=1e-9)
     assert tree.norm({"u": hg.linsolve.x["unused"]}) < 1e-12
+
+
+def test_function_level_oracles_need_no_problem():
+    """The oracles of a plain f(λ, w) (what custom implicit rules build on) against torch.autograd.functional on a
+    non-quadratic function, float64, 1e-10; and the structural dependency test."""
+    from bilevel import oracles
+
+    gen = torch.Generator().manual_seed(3)
+    lam = {"a": torch.randn(3, generator=gen, dtype=torch.float64), "b": torch.randn(2, generator=gen, dtype=torch.float64)}
+    w = {"x": torch.randn(3, generator=gen, dtype=torch.float64)}
+    v = {"x": torch.randn(3, generator=gen, dtype=torch.float64)}
+
+    def f(lam, w):
+        return (w["x"].sin() * lam["a"]).sum() + 0.5 * (lam["a"].exp() * w["x"] ** 2).sum()  # λ_b unused
+
+    def flat(a, x):
+        return f({"a": a, "b": lam["b"]}, {"x": x})
+
+    h = torch.autograd.functional.hessian(flat, (lam["a"], w["x"]))
+    h_ww, h_aw = h[1][1], h[0][1]
+    torch.testing.assert_close(oracles.hvp_of(f, lam, w, v)["x"], h_ww @ v["x"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(oracles.mixed_vjp_of(f, lam, w, v)["a"], h_aw @ v["x"], rtol=1e-10, atol=1e-12)
+    g, products = oracles.linearize(f, lam, w)
+    mixed, hv = products(v)
+    torch.testing.assert_close(hv["x"], h_ww @ v["x"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(mixed["a"], h_aw @ v["x"], rtol=1e-10, atol=1e-12)
+    value, g_outer, g_inner = oracles.value_and_grad(f, lam, w, wrt_outer=True)
+    torch.testing.assert_close(g_inner["x"], g["x"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_outer["b"], torch.zeros(2, dtype=torch.float64))  # unused: zero, not missing
+    assert oracles.unused_outer(f, lam, w) == ["b"]
+    assert float(oracles.jvp_of(f, lam, w, v)[1]) == pytest.approx(float(g["x"] @ v["x"]), rel=1e-12)

@@ -1,7 +1,7 @@
 """Built-in solvers; importing this package registers them by name."""
 
 from bilevel.solvers.f2sa import F2SA, F2SAState
-from bilevel.solvers.ift import CG, IFT, Exact, ImplicitState
+from bilevel.solvers.ift import CG, IFT, Exact, ImplicitState, Minres
 from bilevel.solvers.lvhba import LVHBA, LVHBAState
 from bilevel.solvers.maml import IMAML, MAML, MetaState
 from bilevel.solvers.stn import STN, StnState
@@ -14,9 +14,12 @@ __all__ = [
     "IFT",
     "Exact",
     "IMAML",
-    "ImplicitState", "LVHBA", "LVHBAState",
+    "ImplicitState",
+    "LVHBA",
+    "LVHBAState",
     "MAML",
     "MetaState",
+    "Minres",
     "STN",
     "StnState",
     "Unrolled",

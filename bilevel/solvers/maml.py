@@ -215,7 +215,9 @@ class MetaLearner(Options):
                     "(cg_fallback=True). Raise lam or cg_maxiter, or set cg_fallback=False to keep the CG answer; the "
                     "history's linsolve_fallback is the fraction of such tasks at each step."
                 ), stacklevel=2)
-        return MetaState(outer, tree.clone(outer), state.buffers, outer_state, uses_outer), metrics
+        new_state = dataclasses.replace(state, outer=outer, inner=tree.clone(outer), outer_opt=outer_state,
+                                        inner_uses_outer=uses_outer)
+        return new_state, metrics
 
     _reports_residual = False
     _falls_back = False

@@ -243,7 +243,8 @@ class STN(Options):
         values = space.constrained(outer) if space is not None else outer
         metrics.update(_named_scalars("hp" if space is not None else "outer", values))
         metrics.update(_named_scalars("scale", sigma))
-        new_state = StnState(outer, inner, buffers, scale, inner_state, outer_state, scale_state, state.n_steps + 1)
+        new_state = dataclasses.replace(state, outer=outer, inner=inner, buffers=buffers, scale=scale, inner_opt=inner_state,
+                                        outer_opt=outer_state, scale_opt=scale_state, n_steps=state.n_steps + 1)
         return new_state, metrics
 
 

@@ -99,6 +99,6 @@ class Unrolled(Options):
                    "outer_lr": outer_lr}
         if curvature is not None:
             metrics["curvature"] = curvature.value
-        new_state = UnrolledState(outer, problem.project_inner(hg.inner), hg.buffers or {}, outer_state, curvature,
-                                  outer_lr, state.k + 1)
+        new_state = dataclasses.replace(state, outer=outer, inner=problem.project_inner(hg.inner), buffers=hg.buffers or {},
+                                        outer_opt=outer_state, curvature=curvature, outer_lr=outer_lr, k=state.k + 1)
         return new_state, metrics
