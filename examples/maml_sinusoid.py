@@ -41,8 +41,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    problem, evaluate = sinusoid_problem(meta_batch=args.meta_batch, k_shot=args.k_shot, k_query=10,
-                                         seed=args.seed, device=args.device)
+    def fresh_problem():  # each method gets its own task sampler: its draws do not depend on what ran before
+        return sinusoid_problem(meta_batch=args.meta_batch, k_shot=args.k_shot, k_query=10, seed=args.seed,
+                                device=args.device)
+
+    problem, evaluate = fresh_problem()
     sgd = MAML(inner_steps=1, inner_lr=args.inner_lr)  # the fine-tuning used for the baselines
     configs = {
         "maml": ("MAML (2nd order, 1 step)", dict(method="maml", inner_steps=1, inner_lr=args.inner_lr)),
@@ -57,7 +60,7 @@ def main() -> None:
         label, options = configs[key]
         method = options.pop("method")
         t0 = time.perf_counter()
-        result = bilevel.solve(problem, method, maxiter=args.meta_steps, outer_lr=args.outer_lr, seed=args.seed,
+        result = bilevel.solve(fresh_problem()[0], method, maxiter=args.meta_steps, outer_lr=args.outer_lr, seed=args.seed,
                                time_limit=args.time_limit, **options)
         adapt = sgd if key == "pretrained" else result.solver
         rows.append((label, result, adapt, time.perf_counter() - t0, result.n_steps))
