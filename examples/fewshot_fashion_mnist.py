@@ -41,7 +41,8 @@ def main() -> None:
     parser.add_argument("--imaml-lam", type=float, default=1.0)
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--test-tasks", type=int, default=100)
-    parser.add_argument("--time-limit", type=float, default=60.0, help="seconds of meta-training at most")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds of meta-training at most (off by default: it would make the numbers machine-dependent)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)

@@ -34,7 +34,7 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/pip install -q torch==2.13.0 2>/dev/null \
     || .venv/bin/pip install -q "torch>=2.3"
 fi
-if ! .venv/bin/python -c "import bilevel, higher, sklearn, mlxtend, pytest, psycopg2" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import bilevel, higher, sklearn, mlxtend, pytest, psycopg2, hypothesis" >/dev/null 2>&1; then
   .venv/bin/pip install -q -e ".[dev]"
 fi
 # Peers compared in tests/test_peers.py and benchmarks/ (optional: those tests skip without them). Betty's metadata
