@@ -15,7 +15,8 @@ working precision), ``unrolled_hypergrad``); TorchOpt 0.7.3
 (``custom_root`` + ``linear_solve.solve_cg``); higher 0.2.1 (``innerloop_ctx`` + differentiable SGD); Betty 0.1.1
 (``betty.hypergradient.get_grads`` with its ``neumann`` routine on two ``ImplicitProblem`` objects, no ``Engine``);
 a plain-autograd Neumann loop (double backward on a retained graph, the reference of docs/peer_costs.md). Peers are
-imported lazily and skipped, with the reason printed, when missing or broken.
+imported lazily and skipped, with the reason printed, when missing or broken. The problems live in
+``peers/cases.py``, the contenders in ``peers/contenders.py`` (both importable); this script measures and reports.
 
 Problems: (1) per-weight ridge (``bilevel.problems.ridge``; reference: the closed-form hypergradient); (2) MLP 784-H-H-10
 classifier with one weight-decay hyperparameter per weight, L_T = CE(train) + ½ Σ e^λ w², L_V = CE(val), full batch,
@@ -69,493 +70,38 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the cases and contenders: peers/ beside this script
+from peers.cases import Case, cast_case, make_mlp_case, make_ridge_case, mlp_reference
+from peers.contenders import (
+    LOW_PRECISION,
+    Contender,
+    FlatLinearization,
+    Runner,
+    available_contenders,
+    bilevel_cg,
+    bilevel_cg_mixed,
+    bilevel_neumann,
+    bilevel_unrolled,
+    higher_unrolled,
+    one_gradient,
+    torchopt_cg,
+)
+from peers.contenders import betty_neumann as betty_neumann  # for tests/test_peers.py and hypergrad_trajectory.py
+from peers.contenders import plain_neumann as plain_neumann
 
 import bilevel
 from bilevel import oracles, tree
-from bilevel.hypergrad import implicit_hypergrad, unrolled_hypergrad
-from bilevel.linsolve import cg, minres, neumann, power_iteration
-from bilevel.optim import sgd
-from bilevel.problem import LONE_KEY
-from bilevel.problems.ridge import ridge_data, ridge_hypergrad, ridge_problem, ridge_solution
+from bilevel.linsolve import cg, neumann
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", message=".*functorch.*")
 warnings.filterwarnings("ignore", message=".*_flat_weights.*")
 
-Params = dict[str, Tensor]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# problems
-# ----------------------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Case:
-    """One benchmark problem at one point (λ, w), in the forms each contender needs."""
-
-    name: str
-    label: str  # row label: sizes
-    module: nn.Module  # template module; its parameters hold w (peers copy it)
-    names: list[str]  # parameter names, the canonical order of every flattened hypergradient
-    lam: Params  # λ, one tensor per parameter, same names
-    w: Params  # the inner point w
-    train: tuple[Tensor, Tensor]
-    val: tuple[Tensor, Tensor]
-    data_loss: Callable[[Tensor, Tensor], Tensor]  # (prediction, target) -> scalar
-    problem: bilevel.Problem
-    bl_key: dict[str, str]  # name -> key in bilevel's Params (ridge uses a lone tensor, key LONE_KEY)
-    alpha: float = 0.0  # Neumann / unrolled step size (1/L)
-    reference: Tensor | None = None  # accurate hypergradient, flat, float64
-    reference_note: str = ""
-    cache_tag: str = ""  # names the trained point on disk (MLP)
-
-    @property
-    def device(self) -> torch.device:
-        return next(iter(self.w.values())).device
-
-    def bl_outer(self) -> Params:
-        return {self.bl_key[k]: self.lam[k] for k in self.names}
-
-    def bl_inner(self) -> Params:
-        return {self.bl_key[k]: self.w[k] for k in self.names}
-
-    def flat_bl(self, hg: Params) -> Tensor:
-        return torch.cat([hg[self.bl_key[k]].reshape(-1) for k in self.names])
-
-    def reg(self, lam: list[Tensor], params: list[Tensor]) -> Tensor:
-        """½ Σ_j e^{λ_j} w_j²."""
-        return 0.5 * sum((lj.exp() * p.pow(2)).sum() for lj, p in zip(lam, params))
-
-    def inner_loss_fn(self, lam: Params, w: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
-        """L_T(λ, w) through ``functional_call`` on the template module (TorchOpt, plain autograd)."""
-        x, y = batch
-        pred = torch.func.functional_call(self.module, w, (x,))
-        return self.data_loss(pred, y) + self.reg([lam[k] for k in self.names], [w[k] for k in self.names])
-
-    def outer_loss_fn(self, w: Params, batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch
-        return self.data_loss(torch.func.functional_call(self.module, w, (x,)), y)
-
-    def copy_module(self) -> nn.Module:
-        """A fresh module holding w (for higher and Betty)."""
-        m = _clone_module(self.module)
-        with torch.no_grad():
-            for k, p in m.named_parameters():
-                p.copy_(self.w[k])
-        return m
-
-
-def _clone_module(module: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(module)
-
-
-class RidgeModule(nn.Module):
-    """x ↦ X w (the ridge predictor as a module, for the module-based peers)."""
-
-    def __init__(self, w: Tensor):
-        super().__init__()
-        self.w = nn.Parameter(w.detach().clone())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x @ self.w
-
-
-def half_sq(pred: Tensor, y: Tensor) -> Tensor:
-    return 0.5 * (pred - y).pow(2).sum()
-
-
-def make_ridge_case(dim: int, *, dtype: torch.dtype, device: torch.device, seed: int) -> Case:
-    """Per-weight ridge, d = ``dim``, n_train = n_val = 2d, rows scaled by 1/√n (H's spectrum ≈ [0.2, 3]),
-    λ_j = log 0.1 + 0.5 N(0, 1), w = w*(λ) exactly; reference = closed form (float64)."""
-    n = 2 * dim
-    (xt, yt), (xv, yv) = ridge_data(n, n, dim, seed=seed, dtype=torch.float64)
-    s = 1.0 / math.sqrt(n)
-    train64, val64 = (xt * s, yt * s), (xv * s, yv * s)
-    gen = torch.Generator().manual_seed(seed + 1)
-    lam64 = math.log(0.1) + 0.5 * torch.randn(dim, generator=gen, dtype=torch.float64)
-    w64 = ridge_solution(train64, lam64)
-    reference = ridge_hypergrad(train64, val64, lam64)
-    h = train64[0].T @ train64[0] + torch.diag(lam64.exp())
-    eig = torch.linalg.eigvalsh(h)
-    cast = functools.partial(_to, dtype=dtype, device=device)
-    train, val = (cast(train64[0]), cast(train64[1])), (cast(val64[0]), cast(val64[1]))
-    lam = cast(lam64).requires_grad_(True)
-    problem = ridge_problem(train, val, lam)
-    module = RidgeModule(cast(w64))
-    case = Case(
-        name="ridge", label=f"d={dim}, n={n}", module=module, names=["w"], lam={"w": lam}, w={"w": cast(w64)},
-        train=train, val=val, data_loss=half_sq, problem=problem, bl_key={"w": LONE_KEY},
-        reference=reference, reference_note=f"closed form; κ(H)={float(eig[-1] / eig[0]):.3g}",
-    )
-    case.alpha = 1.0 / float(eig[-1])
-    return case
-
-
-def _to(x: Tensor, *, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
-
-
-def load_classification(n: int, source: str, seed: int, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, str]:
-    """2n examples (n train, n val) of 784 features, 10 classes: Fashion-MNIST if installed, else random data."""
-    if source == "fashion":
-        try:
-            from bilevel.problems.datasets import fashion_mnist_raw
-
-            xs, ys = fashion_mnist_raw("train")
-            if 2 * n > len(xs):
-                raise ValueError(f"Fashion-MNIST has {len(xs)} training images, {2 * n} needed")
-            order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed))[: 2 * n].numpy()
-            x = torch.as_tensor(xs[order].reshape(2 * n, -1), dtype=torch.float32) / 255.0
-            y = torch.as_tensor(ys[order])
-            x = x - x[:n].mean(0)
-            what = "Fashion-MNIST"
-        except Exception as e:  # data missing: fall back to random data, say so
-            print(f"[data] Fashion-MNIST unavailable ({e}); using random data")
-            source = "random"
-    if source == "random":
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(2 * n, 784, generator=gen)
-        y = (x @ torch.randn(784, 10, generator=gen)).argmax(1)
-        what = "random (linear teacher)"
-    x = x.to(device=device, dtype=dtype)
-    y = y.to(device)
-    return (x[:n], y[:n]), (x[n:], y[n:]), what
-
-
-def make_mlp_case(
-    hidden: int, n: int, *, weight_decay: float, train_steps: int, data: str, dtype: torch.dtype, device: torch.device,
-    seed: int, cache_dir: str | None = None,
-) -> Case:
-    """MLP 784-H-H-10 (``hidden=0``: multinomial logistic regression 784-10, a convex inner problem with a
-    positive-definite H), λ = log(weight_decay) for every weight; w after ``train_steps`` full-batch Adam steps."""
-    torch.manual_seed(seed)
-    train, val, what = load_classification(n, data, seed, device, dtype)
-    if hidden:
-        module = nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
-    else:
-        module = nn.Linear(784, 10)
-    name = "mlp" if hidden else "logreg"
-    module = module.to(device=device, dtype=dtype)
-    names = [k for k, _ in module.named_parameters()]
-    lam = {k: torch.full_like(p, math.log(weight_decay)).requires_grad_(True) for k, p in module.named_parameters()}
-
-    def inner_loss(lam_: Params, view: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(view(x), y) + 0.5 * sum((lam_[k].exp() * view[k].pow(2)).sum() for k in lam_)
-
-    def outer_loss(lam_: Params, view: Any, batch: tuple[Tensor, Tensor]) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(view(x), y)
-
-    # "after training the inner problem": full-batch Adam on L_T (cached on disk: the same point on every run)
-    t0 = time.perf_counter()
-    cache = None
-    tag = f"{name}_H{hidden}_N{n}_wd{weight_decay:g}_steps{train_steps}_{data}_seed{seed}"
-    if cache_dir:
-        cache = os.path.join(os.path.expanduser(cache_dir), tag + ".pt")
-    if cache and os.path.exists(cache):
-        module.load_state_dict(torch.load(cache, map_location=device))
-        how = f"loaded from {cache}"
-    else:
-        opt = torch.optim.Adam(module.parameters(), lr=1e-3)
-        lam_d = {k: v.detach() for k, v in lam.items()}
-        for _ in range(train_steps):
-            opt.zero_grad()
-            x, y = train
-            loss = F.cross_entropy(module(x), y) + 0.5 * sum(
-                (lam_d[k].exp() * p.pow(2)).sum() for k, p in module.named_parameters()
-            )
-            loss.backward()
-            opt.step()
-        how = f"trained ({time.perf_counter() - t0:.0f} s)"
-        if cache:
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            torch.save(module.state_dict(), cache)
-    w = {k: p.detach().clone() for k, p in module.named_parameters()}
-    problem = bilevel.Problem(outer=lam, inner=module, inner_loss=inner_loss, outer_loss=outer_loss,
-                              inner_data=train, outer_data=val, name=name)
-    n_params = sum(p.numel() for p in module.parameters())
-    size = f"H={hidden}, N={n} ({n_params / 1e6:.2f}M)" if hidden else f"784-10, N={n} ({n_params} weights)"
-    case = Case(
-        name=name, label=size, module=module, names=names, lam=lam, w=w,
-        train=train, val=val, data_loss=F.cross_entropy, problem=problem, bl_key={k: k for k in names}, cache_tag=tag,
-    )
-    lin = oracles.Linearization(problem, case.bl_outer(), case.bl_inner(), train)
-    g_norm = float(tree.norm(tree.detach(lin.grad)))
-    lipschitz = power_iteration(lin.hvp, {k: torch.randn_like(v) for k, v in w.items()}, maxiter=30)
-    case.alpha = 1.0 / (1.05 * lipschitz)
-    # logreg: shifting every class's weights and bias alike leaves the softmax unchanged, so the cross-entropy's
-    # Hessian is singular and λ_min(H) is exactly the weight decay: κ(H) = L / e^λ
-    kappa = f"; κ(H) = L/e^λ ≈ {lipschitz / weight_decay:.3g} (λ_min(H) = e^λ)" if not hidden else ""
-    print(f"[{name} {case.label}] data: {what}; inner point after {train_steps} Adam steps, {how}: "
-          f"L_T={float(lin.loss):.4f}, |∇_w L_T|={g_norm:.3g}; L≈{lipschitz:.3g} (power iteration), α=1/(1.05 L); "
-          f"weight decay e^λ={weight_decay:g}{kappa}")
-    return case
-
-
-def mlp_reference(case: Case, *, maxiter: int, rtol: float, dtype: torch.dtype = torch.float64,
-                  cache_dir: str | None = None) -> None:
-    """Accurate hypergradient at the same (λ, w): bilevel's ``implicit_hypergrad`` in ``dtype`` with MINRES as the
-    linear solver (H is symmetric but, at a trained MLP point, usually slightly indefinite, where CG and Neumann
-    have no convergence guarantee; MINRES has). Cached next to the trained point."""
-    t0 = time.perf_counter()
-    tag = case.cache_tag and f"{case.cache_tag}_ref_{str(dtype)[6:]}_{maxiter}_{rtol:g}.pt"
-    path = os.path.join(os.path.expanduser(cache_dir), tag) if (cache_dir and tag) else None
-    if path and os.path.exists(path):
-        saved = torch.load(path)
-        case.reference, case.reference_note = saved["reference"], saved["note"] + " (cached)"
-        return
-    module = _clone_module(case.module).to(dtype)
-    lam = {k: v.detach().to(dtype).requires_grad_(True) for k, v in case.lam.items()}
-    problem = dataclasses.replace(case.problem, outer=lam, inner=module)
-    train = (case.train[0].to(dtype), case.train[1])
-    val = (case.val[0].to(dtype), case.val[1])
-    w = {k: v.to(dtype) for k, v in case.w.items()}
-    hg = implicit_hypergrad(problem, lam, w, inner_batch=train, outer_batch=val,
-                                    solve=functools.partial(minres, maxiter=maxiter, rtol=rtol))
-    case.reference = torch.cat([hg.hypergrad[k].reshape(-1) for k in case.names]).cpu().double()
-    case.reference_note = (f"bilevel implicit_hypergrad + MINRES in {str(dtype)[6:]}, {hg.linsolve.iterations} its, "
-                           f"residual {float(hg.linsolve.residual):.1e} ({time.perf_counter() - t0:.0f} s)")
-    if path:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({"reference": case.reference, "note": case.reference_note}, path)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# contenders: make(case, K) -> run() -> list of hypergradient tensors in case.names order
-# ----------------------------------------------------------------------------------------------------------------------
-Runner = Callable[[], list[Tensor]]
-
-
-def one_gradient(case: Case, k: int) -> Runner:
-    """The unit: one inner-loss gradient ∇_w L_T on the same data (plain autograd)."""
-    w = {n: v.detach().requires_grad_(True) for n, v in case.w.items()}
-    lam = {n: v.detach() for n, v in case.lam.items()}
-
-    def run() -> list[Tensor]:
-        return list(torch.autograd.grad(case.inner_loss_fn(lam, w, case.train), list(w.values())))
-
-    return run
-
-
-def bilevel_neumann(case: Case, k: int, *, check: bool = True) -> Runner:
-    solve = functools.partial(neumann, alpha=case.alpha, maxiter=k, check=check)
-    outer, inner = case.bl_outer(), case.bl_inner()
-
-    def run() -> list[Tensor]:
-        hg = implicit_hypergrad(case.problem, outer, inner, inner_batch=case.train, outer_batch=case.val, solve=solve)
-        return [hg.hypergrad[case.bl_key[n]] for n in case.names]
-
-    return run
-
-
-def bilevel_cg(case: Case, k: int, *, check: bool = True) -> Runner:
-    solve = functools.partial(cg, maxiter=k, rtol=0.0, check=check)  # rtol=0: exactly k iterations
-    outer, inner = case.bl_outer(), case.bl_inner()
-
-    def run() -> list[Tensor]:
-        hg = implicit_hypergrad(case.problem, outer, inner, inner_batch=case.train, outer_batch=case.val, solve=solve)
-        return [hg.hypergrad[case.bl_key[n]] for n in case.names]
-
-    return run
-
-
-LOW_PRECISION = {torch.float64: torch.float32, torch.float32: torch.bfloat16}
-
-
-def bilevel_cg_mixed(case: Case, k: int) -> Runner:
-    """bilevel CG with ``hvp_dtype``: Hessian-vector products one precision lower (float64 → float32, float32 →
-    bfloat16), residuals corrected in the working precision (reliable updates); k cheap products."""
-    solve = functools.partial(cg, maxiter=k, rtol=0.0)
-    outer, inner = case.bl_outer(), case.bl_inner()
-    low = LOW_PRECISION[case.w[case.names[0]].dtype]
-
-    def run() -> list[Tensor]:
-        hg = implicit_hypergrad(case.problem, outer, inner, inner_batch=case.train, outer_batch=case.val,
-                                        solve=solve, hvp_dtype=low)
-        return [hg.hypergrad[case.bl_key[n]] for n in case.names]
-
-    return run
-
-
-def bilevel_unrolled(case: Case, k: int) -> Runner:
-    outer, inner = case.bl_outer(), case.bl_inner()
-    opt = sgd(case.alpha)
-
-    def run() -> list[Tensor]:
-        hg = unrolled_hypergrad(case.problem, outer, inner, inner_batches=[case.train] * k, outer_batch=case.val,
-                                        optimizer=opt)
-        return [hg.hypergrad[case.bl_key[n]] for n in case.names]
-
-    return run
-
-
-def plain_neumann(case: Case, k: int) -> Runner:
-    """The plain-autograd reference of docs/peer_costs.md: K Neumann terms by double backward on one retained graph."""
-    alpha = case.alpha
-    lam_list = [case.lam[n].detach().requires_grad_(True) for n in case.names]
-    w_list = [case.w[n].detach().requires_grad_(True) for n in case.names]
-
-    def run() -> list[Tensor]:
-        lam = dict(zip(case.names, lam_list))
-        w = dict(zip(case.names, w_list))
-        d_w = torch.autograd.grad(case.outer_loss_fn(w, case.val), w_list)
-        g = torch.autograd.grad(case.inner_loss_fn(lam, w, case.train), w_list, create_graph=True)
-        v = p = list(d_w)
-        for _ in range(k):
-            hv = torch.autograd.grad(g, w_list, grad_outputs=v, retain_graph=True)
-            v = [vi - alpha * hi for vi, hi in zip(v, hv)]
-            p = [pi + vi for pi, vi in zip(p, v)]
-        mixed = torch.autograd.grad(g, lam_list, grad_outputs=[alpha * pi for pi in p])
-        return [-m for m in mixed]  # ∂_λ L_V = 0 here (L_V does not involve λ)
-
-    return run
-
-
-def torchopt_cg(case: Case, k: int, *, init: Any = None, kept: dict[str, Any] | None = None) -> Runner:
-    """TorchOpt's implicit gradient: ``custom_root(optimality_fn, argnums=1, solve=solve_cg(maxiter=K))``.
-
-    ``init``: a warm start for its CG (``solve_cg(init=...)``, in TorchOpt's layout and sign); ``kept``: a dict that
-    receives its CG solution as ``kept["x"]`` (what a user's closure would keep for the next warm start)."""
-    import torchopt
-
-    names = case.names
-    w_star = tuple(case.w[n].detach() for n in names)
-    lam_t = tuple(case.lam[n].detach().requires_grad_(True) for n in names)
-    cg_solve = torchopt.linear_solve.solve_cg(maxiter=k, rtol=0.0, init=init)
-
-    def inner_of(lam: tuple[Tensor, ...], w: tuple[Tensor, ...]) -> Tensor:
-        return case.inner_loss_fn(dict(zip(names, lam)), dict(zip(names, w)), case.train)
-
-    def optimality(w: tuple[Tensor, ...], lam: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return torch.func.grad(inner_of, argnums=1)(lam, w)
-
-    def solve(matvec: Callable, b: Any) -> Any:
-        x = cg_solve(matvec, b)
-        if kept is not None:
-            kept["x"] = x
-        return x
-
-    @torchopt.diff.implicit.custom_root(optimality, argnums=1, solve=solve)
-    def solver(w_init: tuple[Tensor, ...], lam: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return w_star  # the inner problem was solved beforehand: the same w as everyone
-
-    def run() -> list[Tensor]:
-        w = solver(w_star, lam_t)
-        loss = case.outer_loss_fn(dict(zip(names, w)), case.val)
-        return list(torch.autograd.grad(loss, lam_t))
-
-    return run
-
-
-def higher_unrolled(case: Case, k: int) -> Runner:
-    """higher: ``innerloop_ctx`` with torch.optim.SGD(lr=α), K differentiable steps, then dL_V/dλ."""
-    import higher
-
-    model = case.copy_module()
-    opt = torch.optim.SGD(model.parameters(), lr=case.alpha)
-    lam_list = [case.lam[n].detach().requires_grad_(True) for n in case.names]
-    x, y = case.train
-
-    def run() -> list[Tensor]:
-        with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
-            for _ in range(k):
-                diffopt.step(case.data_loss(fmodel(x), y) + case.reg(lam_list, list(fmodel.parameters())))
-            loss = case.data_loss(fmodel(case.val[0]), case.val[1])
-            return list(torch.autograd.grad(loss, lam_list))
-
-    return run
-
-
-def betty_neumann(case: Case, k: int) -> Runner:
-    """Betty: ``betty.hypergradient.get_grads`` over the path [outer, inner, outer] with the inner problem's config
-    ``type="neumann"`` (its implicit gradient with Neumann), on two ``ImplicitProblem`` objects without an ``Engine``
-    (the Engine only schedules steps; the hypergradient is this call). Timed: L_V forward + ``get_grads``."""
-    from betty.configs import Config
-    from betty.hypergradient import get_grads
-    from betty.problems import ImplicitProblem
-
-    data_loss, reg, names = case.data_loss, case.reg, case.names
-
-    class Hyper(nn.Module):
-        def __init__(self, lam: list[Tensor]):
-            super().__init__()
-            self.lam = nn.ParameterList([nn.Parameter(v.detach().clone()) for v in lam])
-
-    class Inner(ImplicitProblem):
-        def training_step(self, batch: tuple[Tensor, Tensor]) -> Tensor:
-            x, y = batch
-            return data_loss(self.module(x), y) + reg(list(self.outer_problem.module.lam), self.trainable_parameters())
-
-    class Outer(ImplicitProblem):
-        def training_step(self, batch: tuple[Tensor, Tensor]) -> Tensor:
-            x, y = batch
-            return data_loss(self.inner_problem.module(x), y)
-
-    device = str(case.device)
-    inner_p = Inner(name="inner", config=Config(type="neumann", neumann_iterations=k, neumann_alpha=case.alpha),
-                    module=case.copy_module(), device=device)
-    outer_p = Outer(name="outer", config=Config(), module=Hyper([case.lam[n] for n in names]), device=device)
-    inner_p.outer_problem = outer_p
-    outer_p.inner_problem = inner_p
-    inner_p.cur_batch = case.train
-    path = [outer_p, inner_p, outer_p]
-
-    def run() -> list[Tensor]:
-        loss = outer_p.training_step(case.val)
-        return list(get_grads(loss, path, False))  # ∂_λ L_V = 0 here: Betty adds it separately
-
-    return run
-
-
-@dataclasses.dataclass(frozen=True)
-class Contender:
-    label: str
-    make: Callable[[Case, int], Runner]
-    family: str  # "unit", "implicit", "unrolled"
-    peer: str | None = None  # import name of a peer package
-
-
-CONTENDERS = [
-    Contender("one gradient", one_gradient, "unit"),
-    Contender("bilevel Neumann", bilevel_neumann, "implicit"),
-    Contender("bilevel CG", bilevel_cg, "implicit"),
-    Contender("bilevel CG mixed", bilevel_cg_mixed, "implicit"),
-    Contender("bilevel unrolled", bilevel_unrolled, "unrolled"),
-    Contender("plain Neumann", plain_neumann, "implicit"),
-    Contender("TorchOpt CG", torchopt_cg, "implicit", "torchopt"),
-    Contender("higher unrolled", higher_unrolled, "unrolled", "higher"),
-    Contender("Betty Neumann", betty_neumann, "implicit", "betty"),
-]
 RATIOS = [("TorchOpt / bilevel", "TorchOpt CG", "bilevel CG"), ("TorchOpt / bilevel mixed", "TorchOpt CG", "bilevel CG mixed"),
           ("higher / bilevel", "higher unrolled", "bilevel unrolled"),
           ("Betty / bilevel", "Betty Neumann", "bilevel Neumann")]
-
-
-def available_contenders() -> tuple[list[Contender], dict[str, str]]:
-    """Contenders whose packages import; ``skipped[label] = reason``."""
-    ok, skipped = [], {}
-    for c in CONTENDERS:
-        if c.peer is None:
-            ok.append(c)
-            continue
-        try:
-            __import__(c.peer)
-            try:
-                from importlib.metadata import version as dist_version
-
-                version = dist_version({"betty": "betty-ml"}.get(c.peer, c.peer))
-            except Exception:  # noqa: BLE001 - version is informative only
-                version = "?"
-            ok.append(c)
-            print(f"[peers] {c.peer} {version} imported")
-        except Exception as e:  # missing or incompatible peer: say why
-            skipped[c.label] = f"{c.peer} unavailable: {type(e).__name__}: {e}"
-            print(f"[peers] skip {c.label}: {skipped[c.label]}")
-    return ok, skipped
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -882,18 +428,6 @@ def unrolled_vs_higher(case: Case, k: int) -> str:
     return f"max |Δ| = {float((a - b).abs().max()):.2e} (|g|_max = {float(a.abs().max()):.2e}), float64, K={k}"
 
 
-def cast_case(case: Case, dtype: torch.dtype) -> Case:
-    """The same case with λ, w, data and module in ``dtype``."""
-    module = _clone_module(case.module).to(dtype)
-    lam = {k: v.detach().to(dtype).requires_grad_(True) for k, v in case.lam.items()}
-    train = (case.train[0].to(dtype), case.train[1].to(dtype) if case.train[1].is_floating_point() else case.train[1])
-    val = (case.val[0].to(dtype), case.val[1].to(dtype) if case.val[1].is_floating_point() else case.val[1])
-    outer = {case.bl_key[k]: lam[k] for k in case.names}
-    outer_arg: Any = outer[LONE_KEY] if LONE_KEY in outer else outer
-    inner_arg: Any = case.w["w"].to(dtype) if case.name == "ridge" else module
-    problem = dataclasses.replace(case.problem, outer=outer_arg, inner=inner_arg, inner_data=train, outer_data=val)
-    return dataclasses.replace(case, module=module, lam=lam, w={k: v.to(dtype) for k, v in case.w.items()},
-                               train=train, val=val, problem=problem)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -906,7 +440,7 @@ def profile_bilevel(case: Case, k: int, args: argparse.Namespace, with_torchopt:
     lin = oracles.Linearization(problem, outer, inner, train)
     b = tree.detach(oracles.grad_outer(problem, outer, inner, val)[2])
     v = {n: torch.randn_like(t) for n, t in b.items()}
-    flat_lin = _FlatLinearization(case)
+    flat_lin = FlatLinearization(case)
     low = LOW_PRECISION[case.w[case.names[0]].dtype]
     lin_low = oracles.Linearization(problem, tree.cast(outer, low), tree.cast(inner, low), tree.cast_batch(train, low))
     v_low = tree.cast(v, low)
@@ -938,7 +472,7 @@ def profile_bilevel(case: Case, k: int, args: argparse.Namespace, with_torchopt:
         f"whole: implicit_hypergrad Neumann({k}), check=False": bilevel_neumann(case, k, check=False),
         f"whole: implicit_hypergrad CG({k})": bilevel_cg(case, k),
         f"whole: implicit_hypergrad CG({k}), check=False": bilevel_cg(case, k, check=False),
-        f"whole: prototype, flat vector + plain autograd, CG({k})": lambda: _FlatLinearization(case).hypergrad_cg(k),
+        f"whole: prototype, flat vector + plain autograd, CG({k})": lambda: FlatLinearization(case).hypergrad_cg(k),
     }
     parts[f"one HVP in {low_name} (hvp_dtype's linearization)"] = lambda: lin_low.hvp(v_low)
     parts[f"whole: implicit_hypergrad CG({k}), hvp_dtype={low_name}"] = bilevel_cg_mixed(case, k)
@@ -998,54 +532,6 @@ def profile_bilevel(case: Case, k: int, args: argparse.Namespace, with_torchopt:
         print(f"- TorchOpt CG({k}) = {torchopt_seconds / unit:.1f} grad-eq. Same K, even with grad_outer and the mixed VJP "
               f"free, bilevel costs ≥ {floor:.1f} grad-eq: TorchOpt/bilevel ≤ {bound:.2f}; {verdict}.")
 
-
-class _FlatLinearization:
-    """Prototype: the retained-graph linearization on ONE flat vector (torch.cat of w), plain autograd throughout.
-
-    One tensor instead of a dict per vector op cuts the elementwise kernel count by the number of parameter
-    tensors (6 for the MLP): what matters when launches dominate (small problems on a GPU)."""
-
-    def __init__(self, case: Case):
-        self.case = case
-        names = case.names
-        self.lam = [case.lam[n].detach().requires_grad_(True) for n in names]
-        self.w = [case.w[n].detach().requires_grad_(True) for n in names]
-        self.shapes = [t.shape for t in self.w]
-        self.sizes = [t.numel() for t in self.w]
-        with torch.enable_grad():
-            loss = case.inner_loss_fn(dict(zip(names, self.lam)), dict(zip(names, self.w)), case.train)
-            self.grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, self.w, create_graph=True)])
-
-    def _split(self, x: Tensor) -> list[Tensor]:
-        return [t.view(s) for t, s in zip(x.split(self.sizes), self.shapes)]
-
-    def hvp(self, v: Tensor) -> Tensor:
-        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(self.grad, self.w, v, retain_graph=True)])
-
-    def neumann(self, b: Params, alpha: float, k: int) -> Tensor:
-        v = p = torch.cat([b[self.case.bl_key[n]].reshape(-1) for n in self.case.names])
-        for _ in range(k):
-            v = v - alpha * self.hvp(v)
-            p = p + v
-        return alpha * p
-
-    def hypergrad_cg(self, k: int) -> list[Tensor]:
-        names = self.case.names
-        w = dict(zip(names, self.w))
-        b = torch.cat([g.reshape(-1) for g in torch.autograd.grad(self.case.outer_loss_fn(w, self.case.val), self.w)])
-        x = torch.zeros_like(b)
-        r = p = b
-        rs = r.dot(r)
-        for _ in range(k):
-            ap = self.hvp(p)
-            step = rs / p.dot(ap)
-            x = x + step * p
-            r = r - step * ap
-            rs_new = r.dot(r)
-            p = r + (rs_new / rs) * p
-            rs = rs_new
-        mixed = torch.autograd.grad(self.grad, self.lam, x, retain_graph=True)
-        return [-m for m in mixed]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
