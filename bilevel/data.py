@@ -288,23 +288,20 @@ def _children(batch: Any) -> Any:
     return ()
 
 
-def _first_tensor(batch: Any) -> Tensor | None:
+def _find_leaf(batch: Any, found: Callable[[Tensor], bool]) -> Tensor | None:
+    """The first tensor of ``batch`` (depth first, in container order) for which ``found`` holds, or None."""
     if isinstance(batch, Tensor):
-        return batch
-    values = _children(batch)
-    for v in values:
-        found = _first_tensor(v)
-        if found is not None:
-            return found
+        return batch if found(batch) else None
+    for value in _children(batch):
+        leaf = _find_leaf(value, found)
+        if leaf is not None:
+            return leaf
     return None
+
+
+def _first_tensor(batch: Any) -> Tensor | None:
+    return _find_leaf(batch, lambda t: True)
 
 
 def _empty_leaf(batch: Any) -> Tensor | None:
-    if isinstance(batch, Tensor):
-        return batch if batch.numel() == 0 else None
-    values = _children(batch)
-    for v in values:
-        found = _empty_leaf(v)
-        if found is not None:
-            return found
-    return None
+    return _find_leaf(batch, lambda t: t.numel() == 0)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from bilevel import projections
+from bilevel import projections, tree
 from bilevel.data import BatchStream
 from bilevel.errors import BilevelError
 from bilevel.functional import ModuleView, in_transform, split_module
@@ -302,7 +302,7 @@ def _check_finite_projection(name: str, params: Params, lone: bool = False) -> N
     abstract)."""
     if in_transform():
         return
-    bad = [k for k, v in params.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = tree.nonfinite_keys(params)
     if bad:
         where = "" if lone else f" (in {', '.join(map(repr, bad))})"
         raise BilevelError(f"Problem: {name} returned NaN/inf{where}; a projection must map finite variables to finite "

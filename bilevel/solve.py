@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from bilevel import checkpoint as checkpoint_io
-from bilevel import rng
+from bilevel import rng, tree
 from bilevel.callbacks import StepInfo
 from bilevel.checkpoint import RunState
 from bilevel.data import DataStreams
@@ -276,7 +276,7 @@ def _check_finite_variables(name: str, state: Any, step: int) -> None:
     """NaN/inf in the variables a run returns is an error (one host sync)."""
     for level in ("outer", "inner"):
         params = getattr(state, level)
-        bad = [k for k, v in params.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad = tree.nonfinite_keys(params)
         if bad:
             names = "the tensor" if bad == [LONE_KEY] else ", ".join(map(repr, bad))
             raise BilevelError(

@@ -52,6 +52,11 @@ def norm(a: Params) -> Tensor:
     return sq_norm(a).sqrt()
 
 
+def nonfinite_keys(a: Params) -> list[str]:
+    """The names of floating-point entries holding NaN or inf (one host sync per entry)."""
+    return [k for k, v in a.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def zeros_like(a: Params) -> Params:
     """0 with the names, shapes, dtypes and devices of ``a``."""
     return {k: torch.zeros_like(v) for k, v in a.items()}
