@@ -150,7 +150,8 @@ def _hypergradient(problem: Problem, solver: Any, kind: str, data: DataStreams, 
         inner = problem.inner_init
     elif inner is None:
         batch = data.inner()
-        inner = solve_inner(problem, lam, problem.inner_init, batch, buffers=buffers, maxiter=inner_maxiter)
+        inner = problem.run_inner_solver(lam, problem.inner_init, batch) if problem.inner_solver is not None else \
+            solve_inner(problem, lam, problem.inner_init, batch, buffers=buffers, maxiter=inner_maxiter)
         data = DataStreams(batch, data.outer())  # the hypergradient at the batch w* solves
     return solver.hypergradient(problem, lam, inner, data, buffers)
 

@@ -393,14 +393,15 @@ def minres(
 
 
 def exact(
-    matvec: MatVec, b: Params, *, max_size: int = 10_000, batched_matvec: MatVec | None = None
+    matvec: MatVec, b: Params, *, max_size: int = 10_000, batched_matvec: MatVec | None = None, symmetric: bool = True,
 ) -> LinSolveResult:
     r"""Dense solve: build A from its columns A e_i and call ``torch.linalg.solve``.
 
     The columns come from ``batched_matvec`` (``v`` with a leading batch dimension; also read from a
     ``matvec.batched`` attribute) when given, else from
     ``vmap(matvec)``, else one matvec per column. Costs P matvecs (batched) and O(P²) memory for P unknowns;
-    meant for small problems and as a reference. float16 and bfloat16 systems are solved in float32.
+    meant for small problems and as a reference. float16 and bfloat16 systems are solved in float32. ``symmetric``:
+    A is symmetric (a Hessian) and its symmetric part is solved; pass False for a general A.
     ``residual`` is the true ‖b − A x‖/‖b‖ of the dense system.
     """
     n = tree.size(b)
@@ -423,7 +424,8 @@ def exact(
             a = torch.func.vmap(column)(eye).T
         except RuntimeError:  # a matvec that does not compose with vmap: one column at a time
             a = torch.stack([column(e) for e in eye], dim=1)
-    a = 0.5 * (a + a.T)
+    if symmetric:  # a Hessian: take the exact symmetric part (rounding makes the columns slightly asymmetric)
+        a = 0.5 * (a + a.T)
     # torch.linalg.solve has no float16/bfloat16 kernels (and they would lose the answer): solve in float32
     work = torch.float32 if flat_b.dtype in (torch.float16, torch.bfloat16) else flat_b.dtype
     a_w, b_w = a.to(work), flat_b.to(work)

@@ -23,7 +23,7 @@ from bilevel.types import Batch, ConstraintFn, LossFn, Params, ProjectionFn
 
 Variables = Tensor | Mapping[str, Tensor] | nn.Module
 
-OPTIONAL_INPUTS = ("inner_constraints", "joint_projection", "inner_projection")
+OPTIONAL_INPUTS = ("inner_constraints", "joint_projection", "inner_projection", "inner_solver")
 """Problem inputs only some methods honour (each solver lists its own in ``problem_inputs``)."""
 
 LONE_KEY = "value"
@@ -53,6 +53,12 @@ class Problem:
             ``outer_projection``.
         outer_mode: mode of the inner module in ``outer_loss``: ``"eval"`` (running statistics) or ``"train"``.
         check_dependencies: raise when an outer variable does not enter ``inner_loss``.
+        inner_solver: ``solver(outer, inner, batch) -> inner``, the user's own solver of the inner problem on one
+            batch, started at the current ``inner`` (any code: a loop, ``torch.optim.LBFGS``, a closed form), returning
+            the inner variables in their form (a tensor, a dict; for a module a dict of its parameters). The implicit
+            methods (``ift``, ``cg``, ``minres``, ``exact``) then call it instead of their own inner steps and
+            differentiate its output by the implicit function theorem on ∇_w L_T = 0 — what
+            :func:`bilevel.implicit.custom_root` does with :func:`bilevel.optimality.stationarity`.
     """
 
     outer: Variables
@@ -69,6 +75,7 @@ class Problem:
     check_dependencies: bool = True
     name: str = "problem"
     joint_projection: Callable[[Any, Any], tuple[Any, Any]] | None = None
+    inner_solver: Callable[[Any, Any, Any], Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("inner_loss", "outer_loss"):
@@ -77,7 +84,8 @@ class Problem:
                                    f"got {type(getattr(self, name)).__name__}.")
         for name, form in (("inner_constraints", "g(outer, inner) -> 1-D tensor"),
                            ("outer_projection", "proj(outer) -> outer"), ("inner_projection", "proj(inner) -> inner"),
-                           ("joint_projection", "proj(outer, inner) -> (outer, inner)")):
+                           ("joint_projection", "proj(outer, inner) -> (outer, inner)"),
+                           ("inner_solver", "solver(outer, inner, batch) -> inner")):
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise BilevelError(f"Problem: {name} must be None or a callable {form}, got {type(value).__name__}.")
@@ -192,6 +200,18 @@ class Problem:
         _check_same_structure("inner_projection", inner, projected)
         _check_finite_projection("inner_projection", projected, self._inner_lone)
         return projected
+
+    def run_inner_solver(self, outer: Params, inner: Params, batch: Batch) -> Params:
+        """w from the user's ``inner_solver`` on ``batch``, started at ``inner`` (no graph; checked: the form and
+        shapes of the inner variables, finite)."""
+        with torch.no_grad():
+            value = _call("inner_solver", self.inner_solver, self.outer_view(tree.detach(outer)),
+                          self.inner_to_user(tree.clone(inner)), batch)
+        params = _user_params(value, self._inner_lone, self.inner_init, "inner", "Problem: inner_solver")
+        bad = tree.nonfinite_keys(params)
+        if bad:
+            raise BilevelError(f"Problem: inner_solver returned NaN/inf ({bad}); it must return a solution.")
+        return params
 
     def project_joint(self, outer: Params, inner: Params) -> tuple[Params, Params]:
         """Proj_C(λ, w): ``joint_projection`` when given, else the product of :meth:`project_outer` and
@@ -345,16 +365,19 @@ def _as_params(x: Any, lone: bool, what: str) -> Params:
     raise BilevelError(f"Problem: {what} must return {expected} (the form it was given), got {_describe(x)}.")
 
 
-def _user_params(value: Any, lone: bool, like: Params, level: str) -> Params:
+def _user_params(value: Any, lone: bool, like: Params, level: str, what: str | None = None) -> Params:
+    """``value`` (the form of the ``level`` variables) as a dict checked against ``like``; errors start with
+    ``what`` (default: the level)."""
+    what = what or level
     if isinstance(value, nn.Module):
         value = {k: v for k, v in value.named_parameters() if k in like}
-    params = _as_params(value, lone, level)
+    params = _as_params(value, lone, what)
     if set(params) != set(like):
-        raise BilevelError(f"{level}: expected the problem's {level} variables {sorted(like)}, got {sorted(params)}.")
+        raise BilevelError(f"{what}: expected the problem's {level} variables {sorted(like)}, got {sorted(params)}.")
     for k, v in params.items():
         if _signature(v) != _signature(like[k]):
             name = f"the {level} tensor" if lone else repr(k)
-            raise BilevelError(f"{level}: {name} is {_signature(v)}, but the problem's is {_signature(like[k])}.")
+            raise BilevelError(f"{what}: {name} is {_signature(v)}, but the problem's is {_signature(like[k])}.")
     return {k: v.detach() for k, v in params.items()}
 
 

@@ -12,7 +12,7 @@ A dict is treated as ONE vector: its tensors concatenated in key order (what mat
 
 with A⁺ the pseudo-inverse (A⁺ = Aᵀ(AAᵀ)⁻¹ for full row rank). Building blocks:
 
-* :func:`box`, :func:`nonnegative`, :func:`affine` — the sets;
+* :func:`box`, :func:`nonnegative`, :func:`simplex`, :func:`l2_ball`, :func:`affine` — the sets;
 * :func:`compose` — apply several in turn (the projection onto an intersection only when the sets act on
   separate coordinates, e.g. a box on one key and an affine set on another);
 * :func:`on_keys` — apply a projection to some entries of a dict and leave the others;
@@ -98,6 +98,38 @@ def box(low: float | Tensor | None = None, high: float | Tensor | None = None) -
 def nonnegative() -> Projection:
     r"""Proj onto the nonnegative orthant: v ↦ max(v, 0)."""
     return box(0.0, None)
+
+
+def simplex(radius: float = 1.0) -> Projection:
+    r"""Proj onto the simplex {v : v ≥ 0, Σv = radius} (a tensor, or a dict flattened in key order): with u the
+    entries sorted decreasingly and ρ the largest k such that u_k > (Σ_{j≤k} u_j − radius)/k,
+    v ↦ max(v − τ, 0), τ = (Σ_{j≤ρ} u_j − radius)/ρ (Held, Wolfe & Crowder, 1974; Duchi et al., 2008)."""
+    if not (isinstance(radius, (int, float)) and radius > 0 and math.isfinite(radius)):
+        raise BilevelError(f"projections.simplex: radius must be a finite number > 0, got {radius!r}.")
+
+    def proj(v: Any) -> Any:
+        flat, rebuild = _flatten(v)
+        u, _ = torch.sort(flat, descending=True)
+        k = torch.arange(1, flat.numel() + 1, dtype=flat.dtype, device=flat.device)
+        cumulative = torch.cumsum(u, 0) - radius
+        rho = int((u > cumulative / k).nonzero().max()) + 1
+        tau = cumulative[rho - 1] / rho
+        return rebuild(torch.clamp(flat - tau, min=0.0))
+
+    return proj
+
+
+def l2_ball(radius: float = 1.0) -> Projection:
+    r"""Proj onto the ball {v : ‖v‖₂ ≤ radius} (a dict is one vector): v ↦ v·min(1, radius/‖v‖)."""
+    if not (isinstance(radius, (int, float)) and radius > 0 and math.isfinite(radius)):
+        raise BilevelError(f"projections.l2_ball: radius must be a finite number > 0, got {radius!r}.")
+
+    def proj(v: Any) -> Any:
+        flat, rebuild = _flatten(v)
+        norm = torch.linalg.vector_norm(flat)
+        return rebuild(flat * torch.clamp(radius / norm.clamp_min(torch.finfo(flat.dtype).tiny), max=1.0))
+
+    return proj
 
 
 def affine(a: Tensor, b: float | Tensor = 0.0) -> Projection:

@@ -97,6 +97,7 @@ class IFT(Options):
     """
 
     differentiates: ClassVar[str | None] = "solution"
+    problem_inputs: ClassVar[frozenset[str]] = frozenset({"inner_projection", "inner_solver"})
 
     inner_steps: NonNegativeInt = 10
     inner_lr: PositiveFloat | Auto = "auto"
@@ -130,10 +131,9 @@ class IFT(Options):
         return make_inner_optimizer(self.inner_optimizer, inner_lr, momentum)
 
 
-    @property
-    def _needs_curvature(self) -> bool:
+    def _needs_curvature(self, problem: Problem) -> bool:
         """Whether a step size comes from the curvature estimate (or Neumann's α is checked against it)."""
-        return self.inner_lr == "auto" or self.linsolve == "neumann"
+        return (self.inner_lr == "auto" and problem.inner_solver is None) or self.linsolve == "neumann"
 
     def step_sizes(self, curvature: float | None) -> dict[str, float]:
         """``inner_lr`` and Neumann's ``alpha``: 1/L̂ for ``"auto"`` (:mod:`bilevel.steps`); ``alpha`` = inner_lr when
@@ -189,7 +189,7 @@ class IFT(Options):
 
     def step(self, problem: Problem, state: ImplicitState, data: DataStreams) -> tuple[ImplicitState, dict[str, Any]]:
         curvature = state.curvature
-        if self._needs_curvature and (curvature is None or curvature.due(state.k)):
+        if self._needs_curvature(problem) and (curvature is None or curvature.due(state.k)):
             curvature = inner_curvature(problem, state.outer, state.inner, data.inner(), state.buffers, state.k,
                                         curvature)
         steps = self.step_sizes(curvature.value if curvature else None)
@@ -198,9 +198,13 @@ class IFT(Options):
             # return a wrong answer): an α the curvature estimate says diverges is refused outright.
             raise NeumannDivergenceError(f"{owner_name(self)}: the Neumann series would diverge: "
                                          f"{step_advice(steps['neumann_alpha'], curvature.value)}")
-        inner, buffers, inner_state, losses = train_inner(problem, state.outer, state.inner, state.buffers,
-                                                          self._inner_optimizer(steps["inner_lr"]), state.inner_opt,
-                                                          data, self.inner_steps)
+        if problem.inner_solver is not None:  # the user's solver replaces the inner steps
+            inner, buffers, inner_state, losses = (problem.run_inner_solver(state.outer, state.inner, data.inner()),
+                                                   state.buffers, state.inner_opt, [])
+        else:
+            inner, buffers, inner_state, losses = train_inner(problem, state.outer, state.inner, state.buffers,
+                                                              self._inner_optimizer(steps["inner_lr"]),
+                                                              state.inner_opt, data, self.inner_steps)
         if curvature is not None and self.inner_lr == "auto" and data.inner_stream.is_full_batch and losses_rose(losses):
             curvature = curvature.flag()  # the step was too long for the curvature now: measure again next step
         try:
@@ -222,7 +226,7 @@ class IFT(Options):
             "hypergrad_norm": tree.norm(hg.hypergrad),
             "linsolve_residual": hg.linsolve.residual,
             "linsolve_iterations": hg.linsolve.iterations,
-            "inner_lr": steps["inner_lr"],
+            "inner_lr": None if problem.inner_solver is not None else steps["inner_lr"],
             "outer_lr": outer_lr,
         }
         if losses:
