@@ -9,6 +9,7 @@ from bilevel import problems, solvers  # noqa: F401  (solvers: registers the bui
 from bilevel.callbacks import EarlyStopping, ProgressBar, StepInfo
 from bilevel.check import check_hypergradient, hypergradient
 from bilevel.errors import BilevelError, BilevelWarning
+from bilevel.implicit import custom_fixed_point, custom_root
 from bilevel.problem import Problem
 from bilevel.registry import available_methods, register, solver_options
 from bilevel.solve import Result, solve
@@ -25,6 +26,8 @@ __all__ = [
     "StepInfo",
     "available_methods",
     "check_hypergradient",
+    "custom_fixed_point",
+    "custom_root",
     "hypergradient",
     "problems",
     "register",

@@ -69,10 +69,10 @@ def custom_root(
     == 0`` (see the module docstring).
 
     ``x``, ``init`` and each θ may be a tensor or a (nested) tuple/list/dict of tensors; ``optimality_fn`` returns
-    the same structure as ``x``. ``solve``, ``maxiter``, ``rtol``: the backward linear solve (a residual above 1e-3
-    after ``maxiter`` iterations warns). ``residual_tol``: the forward pass refuses an ``x`` with
-    ‖F(x, θ)‖ > residual_tol·max(1, ‖F(init, θ)‖) (or max(1, ‖x‖) when ``init`` is not of x's form) — the implicit
-    gradient is only the gradient of a solution.
+    the same structure as ``x``. ``solve``, ``maxiter``, ``rtol``: the backward linear solve (a relative residual
+    above max(1e-3, 10·rtol) after ``maxiter`` iterations warns with a :class:`~bilevel.BilevelWarning`).
+    ``residual_tol``: the forward pass refuses an ``x`` with ‖F(x, θ)‖ > residual_tol·max(1, ‖F(init, θ)‖) (or
+    max(1, ‖x‖) when ``init`` is not of x's form) — the implicit gradient is only the gradient of a solution.
     """
     check_value("custom_root", "solve", solve, LinearSolve, "normal_cg")
     check_value("custom_root", "maxiter", maxiter, PositiveInt, 100)
@@ -275,7 +275,7 @@ def _solve_transposed(config: _Config, x: dict[str, Tensor], theta: list[Tensor]
     else:  # normal equations: A Aᵀ w = A x̄ (A Aᵀ is symmetric positive definite for invertible A)
         result = cg(lambda w: a(a_t(w)), a(x_bar), maxiter=config.maxiter, rtol=config.rtol)
     residual = float(tree.norm(tree.sub(a_t(result.x), x_bar))) / max(float(tree.norm(x_bar)), 1e-300)
-    if residual > 1e-3:
+    if residual > max(1e-3, 10 * config.rtol):  # missed its own target by far
         warnings.warn(BilevelWarning(
             f"custom_root: the backward linear solve ({config.solve}) stopped at a relative residual {residual:.2g} "
             f"after {result.iterations} products: raise maxiter, or use solve='exact' for small x (a singular ∂_x F "
