@@ -99,3 +99,24 @@ def test_joint_on_keys_compose_product():
 def test_errors(make, match):
     with pytest.raises(BilevelError, match=match):
         make()
+
+
+def test_simplex_and_l2_ball():
+    """Simplex: the result is on the simplex and is the closest point (no other simplex point among random ones is
+    closer); ℓ2 ball: identity inside, radial scaling outside."""
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(7, generator=gen, dtype=torch.float64)
+    p = projections.simplex(2.0)(v)
+    assert float(p.min()) >= 0 and abs(float(p.sum()) - 2.0) < 1e-12
+    others = torch.rand(2000, 7, generator=gen, dtype=torch.float64)
+    others = 2.0 * others / others.sum(1, keepdim=True)
+    assert float((p - v).norm()) <= float((others - v).norm(dim=1).min())
+    ball = projections.l2_ball(1.5)
+    inside = torch.tensor([0.3, -0.4], dtype=torch.float64)
+    torch.testing.assert_close(ball(inside), inside)
+    outside = {"a": torch.tensor([3.0, 0.0], dtype=torch.float64), "b": torch.tensor([4.0], dtype=torch.float64)}
+    out = ball(outside)
+    torch.testing.assert_close(out["a"], torch.tensor([0.9, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(out["b"], torch.tensor([1.2], dtype=torch.float64))
+    with pytest.raises(BilevelError, match="radius must be a finite number > 0"):
+        projections.simplex(0.0)
